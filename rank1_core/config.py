@@ -1,0 +1,386 @@
+"""One config system for every stage: dataclasses, YAML files, dotted overrides.
+
+A config file is a YAML mapping with one section per concern (``run``, ``model``,
+``data``, ``train``, ...). Each section is a dataclass below with a docstring under every
+field. Loading checks every key and value: an unknown key or a value of the wrong type
+raises :class:`ConfigError` naming the file, the dotted key and the value.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.lr=3e-4"])
+    cfg.train.lr  # 0.0003
+
+No ``ray`` and no ``torch`` here: the CLI and ``rank1 plan`` import this cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong. The message names which."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"
+    """Run directory: a local path or a pyarrow filesystem URI (s3://, gs://, file://)."""
+    seed: int = 0
+    """Seed for data generation, shuffling, initialisation and sampling."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Cluster to join. None: $RAY_ADDRESS if set, else start a local instance."""
+    num_cpus: Optional[int] = 4
+    """Logical CPUs of a local instance. More than the cores avoids actor-pool deadlocks
+    on 2-core machines (measured: 2 logical CPUs + a 2-actor pool deadlocked)."""
+    object_store_memory: Optional[int] = None
+    """Bytes for a local object store (None: Ray's default)."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A tiny model with random weights (model.name tiny-qwen2 or tiny-llama), built from
+    a config for tests and smoke runs; both use the real Qwen2.5 vocabulary and chat format."""
+
+    num_layers: int = 2
+    """Decoder layers."""
+    hidden_size: int = 64
+    """Residual width."""
+    intermediate_size: int = 128
+    """MLP width."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    init_seed: int = 0
+    """Seed of the random weights."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.tiny.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.tiny.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.tiny.num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.tiny.num_heads ({self.num_heads}) must be divisible by "
+                f"model.tiny.num_kv_heads ({self.num_kv_heads})"
+            )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """Base model: a built-in name (smollm2-135m-instruct, tiny-qwen2, tiny-llama), a local
+    Hugging Face model directory, or a hub id (used only if already in the local HF cache)."""
+    revision: Optional[str] = None
+    """Hub revision for a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype when loading for inference (training has its own precision switch)."""
+    think_marker: str = "<|im_start|>think"
+    """Opens the thinking part of the assistant turn (s1's sentinel)."""
+    answer_marker: str = "<|im_start|>answer"
+    """Opens the answer part of the assistant turn (s1's sentinel)."""
+    system_prompt: Optional[str] = None
+    """System prompt. None: the model's chat-template default (Qwen's for Qwen models)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of tiny-* models (ignored otherwise)."""
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "arith-heldout"
+    """Name in tables and file names."""
+    source: Literal["synthetic", "math500", "aime24", "gpqa_diamond"] = "synthetic"
+    """Loader: offline held-out problems from reasoning-gym, or a published benchmark."""
+    path: Optional[str] = None
+    """Local Parquet/JSONL file or hub dataset id (published benchmarks only)."""
+    task: str = "chain_sum"
+    """reasoning-gym task of a synthetic benchmark."""
+    task_config: dict = field(default_factory=dict)
+    """Options of the reasoning-gym task."""
+    size: int = 100
+    """Problems (synthetic: generated; published: the first `size`, 0 = all)."""
+
+    def __post_init__(self) -> None:
+        if self.source != "synthetic" and self.path is None:
+            raise ConfigError(
+                f"benchmark {self.name!r}: source {self.source!r} needs a 'path' "
+                "(a local Parquet/JSONL file or a hub dataset id)"
+            )
+        if self.size < 0:
+            raise ConfigError(f"benchmark {self.name!r}: size must be >= 0, got {self.size}")
+
+
+@dataclass
+class TaskMix:
+    task: str = "chain_sum"
+    """reasoning-gym task name (chain_sum, basic_arithmetic, gsm_symbolic)."""
+    weight: float = 1.0
+    """Relative share of the traces."""
+    config: dict = field(default_factory=dict)
+    """Options passed to the reasoning-gym task."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "s1k"] = "synthetic"
+    """Training traces: generated offline with reasoning-gym, or s1K-1.1 (schema of the hub set)."""
+    path: Optional[str] = None
+    """s1K-1.1 as a local Parquet/JSONL file or a hub dataset id (source: s1k)."""
+    trajectory: Literal["deepseek", "gemini"] = "deepseek"
+    """Which s1K-1.1 trajectory/attempt pair to train on."""
+    num_traces: int = 400
+    """Synthetic traces to generate (s1k: 0 = all rows)."""
+    tasks: list[TaskMix] = field(default_factory=lambda: [TaskMix()])
+    """Mix of reasoning-gym tasks for synthetic traces."""
+    hesitation_share: float = 0.35
+    """Share of synthetic traces given R1-style markers (Wait, Hmm, double-checks, fixed slips)."""
+    max_seq_len: int = 1024
+    """Longest tokenized trace."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with longer traces (counted in the manifest either way)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """Malformed input rows: stop with an error naming file and row, or skip and count."""
+    heldout_traces: int = 32
+    """Traces kept out of training for held-out loss and KL ablations."""
+    benchmarks: list[BenchmarkConfig] = field(default_factory=lambda: [BenchmarkConfig()])
+    """Benchmarks to prepare for the evaluate stage."""
+
+    def __post_init__(self) -> None:
+        if self.source == "s1k" and not self.path:
+            raise ConfigError("data.path is required when data.source is 's1k'")
+        if not 0.0 <= self.hesitation_share <= 1.0:
+            raise ConfigError(f"data.hesitation_share must be in [0, 1], got {self.hesitation_share!r}")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len must be >= 8, got {self.max_seq_len!r}")
+        if self.num_traces < 0:
+            raise ConfigError(f"data.num_traces must be >= 0, got {self.num_traces!r}")
+        if self.source == "synthetic" and self.num_traces <= self.heldout_traces:
+            raise ConfigError(
+                f"data.num_traces ({self.num_traces}) must exceed data.heldout_traces ({self.heldout_traces})"
+            )
+        names = [b.name for b in self.benchmarks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"data.benchmarks: duplicate names {sorted(dup)}")
+
+
+@dataclass
+class PlanConfig:
+    tokens: int = 10_000_000
+    """Tokens the activation store is sized for (paper: s1K-1.1, ~10M)."""
+    mlp_neurons: int = 60
+    """Baseline neurons per MLP stored beside the adapter activations."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU for the per-stage estimate."""
+    gpus_per_node: int = 8
+    """GPUs per node for the per-stage estimate."""
+    train_tokens_per_s: float = 20_000.0
+    """Stated training throughput (all GPUs) for the time estimate."""
+    extract_tokens_per_s: float = 60_000.0
+    """Stated extraction throughput (all actors) for the time estimate."""
+
+
+# --------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    """The whole configuration; one section per concern."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    stages: list[str] = field(default_factory=lambda: ["prepare"])
+    """Stages `rank1 run` runs, in order."""
+    source: Optional[str] = None
+    """File the config was read from (set by the loader)."""
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+# Sections each stage's output depends on: its config hash covers these (plus the hashes of
+# its inputs, which the run directory chains), so changing `report` never retrains.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("model", "data"),
+}
+
+
+def register_stage(name: str, sections: tuple[str, ...]) -> None:
+    STAGE_SECTIONS[name] = sections
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against annotation `tp`; convert where harmless (int -> float)."""
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: '{key}' must not be null")
+    tp = inner
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-3 (no dot) as a string; accept numeric strings for floats.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: '{key}' has an unsupported type {tp!r}")  # pragma: no cover
+
+
+def _from_dict(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        k = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key '{k}' (known keys here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: cannot set '{dotted}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-3` -> ("train.lr", 0.001). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key, value
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "<dict>") -> Config:
+    data = json.loads(json.dumps(data))  # deep copy, plain types only
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(data, key, value, f"override {ov!r}")
+    cfg = _from_dict(Config, data, "", where)
+    unknown = [s for s in cfg.stages if s not in STAGE_SECTIONS]
+    if unknown:
+        raise ConfigError(f"{where}: 'stages' names unknown stage {unknown[0]!r} (known: {', '.join(STAGE_SECTIONS)})")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config; `overrides` are `dotted.key=value` strings applied on top."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    cfg = config_from_dict(data, overrides, where=str(path))
+    cfg.source = str(path)
+    return cfg
+
+
+def section_hash(cfg: Config, stage: str) -> str:
+    """Hash of what the stage's own output depends on (not the run dir, not Ray)."""
+    sections = STAGE_SECTIONS[stage]
+    payload = {s: dataclasses.asdict(getattr(cfg, s)) for s in sections}
+    payload["seed"] = cfg.run.seed
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: traces and benchmarks in, tokenized Parquet out (the prepare stage's library)."""

@@ -1,0 +1,1 @@
+"""Ray glue: one thin entry point per stage (`python -m ray_jobs.<stage>`) plus `pipeline`."""
