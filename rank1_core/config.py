@@ -199,6 +199,51 @@ class PlanConfig:
     """Stated extraction throughput (all actors) for the time estimate."""
 
 
+# --------------------------------------------------------------------------- stage sections
+# One dataclass per stage. Each stage's owner keeps its fields here; every field has a
+# docstring and __post_init__ rejects bad values with the dotted key in the message.
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train fine-tuning (rank-1 LoRA and the full fine-tune baseline)."""
+
+
+@dataclass
+class ExtractConfig:
+    """Per-token adapter activations and baseline MLP neurons to Parquet (Ray Data)."""
+
+
+@dataclass
+class TopkConfig:
+    """Top-k activating contexts and per-feature statistics (DuckDB over Parquet)."""
+
+
+@dataclass
+class SAEConfig:
+    """Cross-layer BatchTopK sparse autoencoder over the whole adapter state."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Benchmarks through vLLM / transformers generation; Table 1."""
+
+
+@dataclass
+class AblateConfig:
+    """Component/layer KL ablations (Figure 1) and group ablations (Table 2)."""
+
+
+@dataclass
+class AutointerpConfig:
+    """LLM explanations, classifications, categories and scores (rate-limited actors)."""
+
+
+@dataclass
+class ReportConfig:
+    """Tables, figures and HTML feature dashboards."""
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -211,6 +256,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    topk: TopkConfig = field(default_factory=TopkConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     """Stages `rank1 run` runs, in order."""
     source: Optional[str] = None
@@ -229,6 +282,15 @@ class Config:
 # its inputs, which the run directory chains), so changing `report` never retrains.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("model", "data"),
+    "train": ("model", "data", "train"),
+    "train_full": ("model", "data", "train"),
+    "evaluate": ("model", "evaluate"),
+    "ablate": ("model", "ablate"),
+    "extract": ("model", "extract"),
+    "topk": ("topk",),
+    "sae": ("sae",),
+    "autointerp": ("autointerp",),
+    "report": ("report",),
 }
 
 
