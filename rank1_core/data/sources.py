@@ -47,15 +47,22 @@ def load_benchmark(b: BenchmarkConfig, seed: int, skipped: Skipped, bad_rows: st
     if b.source == "synthetic":
         # Seeds far from the training traces' seed space; disjointness is also enforced by
         # question keys in prepare (training excludes every benchmark question).
-        items = generate_problems(b.task, b.task_config, size=b.size, seed=_stable_seed("bench", b.name, seed))
+        # Oversampled: duplicates are dropped and exactly `size` distinct problems kept.
+        items = generate_problems(b.task, b.task_config, size=b.size * 2 + 10,
+                                  seed=_stable_seed("bench", b.name, seed))
         rows, seen = [], set()
         for i, it in enumerate(items):
             k = question_key(it["question"])
             if k in seen:
                 continue
+            if len(rows) == b.size:
+                break
             seen.add(k)
             rows.append({"problem_id": f"{b.name}-{i}", "question": it["question"], "answer": str(it["answer"]),
                          "kind": "math", "choices": [], "source": f"reasoning_gym/{b.task}"})
+        if len(rows) < b.size:
+            raise DataError(f"benchmark {b.name!r}: reasoning-gym task {b.task!r} has only {len(rows)} "
+                            f"distinct problems with these options, {b.size} requested")
         return rows
 
     if b.source == "math500":
