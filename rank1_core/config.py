@@ -223,6 +223,77 @@ class TopkConfig:
 class SAEConfig:
     """Cross-layer BatchTopK sparse autoencoder over the whole adapter state."""
 
+    expansion: int = 8
+    """Latents per input column (paper: 8; 448 columns x 8 = 3,584 latents)."""
+    k: int = 16
+    """Average active latents per token (BatchTopK keeps k x batch activations per batch)."""
+    normalize: Literal["column", "scalar", "none"] = "column"
+    """Input normalisation fitted on the data: `column` standardises every component
+    (mean 0, std 1) so each layer/module weighs the same in the loss, as crosscoders
+    normalise each layer; `scalar` divides by one number so E||x||^2 = d (Gao/SAELens)."""
+    norm_tokens: int = 1_000_000
+    """Tokens read (from the start of the data) to fit the normalisation."""
+    batch_size: int = 4096
+    """Tokens per optimizer step, summed over workers (BatchTopK selects within a worker's share)."""
+    epochs: int = 1
+    """Passes over the activation Parquet."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (None: epochs x tokens // batch_size)."""
+    lr: float = 5e-4
+    """Adam learning rate (betas 0.9, 0.999)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps."""
+    decay_frac: float = 0.2
+    """Final share of steps over which the learning rate decays linearly to 0."""
+    aux_k: Optional[int] = None
+    """Dead latents used by the AuxK loss per token (None: half the input width, as Gao et al.)."""
+    aux_coef: float = 0.03125
+    """Weight of the AuxK loss (Gao et al.: 1/32)."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired over this many training tokens is dead (revived by AuxK;
+    dead at the end of training = filtered from every output)."""
+    threshold_ema: float = 0.01
+    """Rate of the running estimate of the smallest kept activation, the inference threshold."""
+    shuffle_buffer: int = 65_536
+    """Tokens held in the local shuffle buffer while streaming (0: no shuffle)."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel; gradients are averaged)."""
+    use_gpu: bool = False
+    """Give each worker a GPU."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (plus one at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in sae/checkpoints."""
+    encode_batch_size: int = 8192
+    """Tokens per batch when encoding every token after training."""
+
+    def __post_init__(self) -> None:
+        positive = ("expansion", "k", "norm_tokens", "batch_size", "epochs", "dead_tokens",
+                    "num_workers", "checkpoint_every", "keep_checkpoints", "encode_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"sae.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_steps", "aux_k"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"sae.{name} must be >= 1 or null, got {v!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"sae.lr must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"sae.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise ConfigError(f"sae.decay_frac must be in [0, 1], got {self.decay_frac!r}")
+        if self.aux_coef < 0:
+            raise ConfigError(f"sae.aux_coef must be >= 0, got {self.aux_coef!r}")
+        if not 0.0 < self.threshold_ema <= 1.0:
+            raise ConfigError(f"sae.threshold_ema must be in (0, 1], got {self.threshold_ema!r}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"sae.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
+        if self.batch_size % self.num_workers:
+            raise ConfigError(
+                f"sae.batch_size ({self.batch_size}) must be divisible by sae.num_workers ({self.num_workers})"
+            )
+
 
 @dataclass
 class EvaluateConfig:
