@@ -1,0 +1,41 @@
+"""cluster.yaml against Ray's own cluster-launcher schema, and the stage requests it must serve."""
+
+import copy
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+def _load():
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def _validate(cfg):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_cluster_yaml_is_valid_for_ray():
+    _validate(_load())
+
+
+def test_schema_check_rejects_unknown_keys():
+    from jsonschema import ValidationError
+
+    cfg = _load()
+    cfg["available_node_types"]["gpu_8x_h200"]["min_wrkers"] = 0
+    with pytest.raises(ValidationError, match="min_wrkers"):
+        _validate(cfg)
+
+
+def test_worker_types_autoscale_from_zero_and_gpu_sizes():
+    cfg = _load()
+    types = cfg["available_node_types"]
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert all(v["min_workers"] == 0 and v["max_workers"] >= 1 for v in workers.values())
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
+    big = types["gpu_8x_h200"]["resources"]
+    assert big["GPU"] == 8 and big["accelerator_type:H200"] == 8
