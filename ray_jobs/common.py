@@ -47,8 +47,13 @@ def ensure_ray(cfg: Config):
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+        return ray
+    # No address: join an instance started on this machine with `ray start`, if any,
+    # else start a local one sized by the config.
+    try:
+        ray.init(address="auto", runtime_env=env)
+    except ConnectionError:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  runtime_env=env, include_dashboard=None)
     return ray
 
