@@ -48,13 +48,11 @@ def ensure_ray(cfg: Config):
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return ray
-    # No address: join an instance started on this machine with `ray start`, if any,
-    # else start a local one sized by the config.
-    try:
-        ray.init(address="auto", runtime_env=env)
-    except ConnectionError:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                 runtime_env=env, include_dashboard=None)
+    # No address: a fresh local instance sized by the config. (Not "auto": that would attach
+    # to whatever Ray happens to run on the machine; to use a head started with `ray start`,
+    # set RAY_ADDRESS=auto. Jobs from `ray job submit` get RAY_ADDRESS from Ray.)
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+             runtime_env=env, include_dashboard=None)
     return ray
 
 
