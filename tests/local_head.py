@@ -1,0 +1,87 @@
+"""A Ray head started with `ray start --head` on 127.0.0.1, token authentication on, for tests.
+
+Ports and the temp dir are private to the instance, and stopping it kills only its own
+processes (never `ray stop`, which would kill every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    def __init__(self, tmp: Path, num_cpus: int = 4):
+        self.tmp = Path(tmp)
+        self.token_file = self.tmp / "auth_token"
+        self.token_file.write_text(secrets.token_hex(32))
+        # Short: Ray's unix sockets live under it (paths are limited to ~107 bytes).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="r1h-", dir="/tmp"))
+        self.gcs_port, self.dash_port, self.client_port = free_port(), free_port(), free_port()
+        self.num_cpus = num_cpus
+        # Token authentication stays on: clients get the token through the environment.
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file),
+                        TOKENIZERS_PARALLELISM="false")
+        self.env.pop("RAY_ADDRESS", None)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dash_port}"
+
+    def ray_cli(self) -> str:
+        return str(Path(sys.executable).parent / "ray")
+
+    def start(self) -> "LocalHead":
+        base = 30000 + (self.gcs_port % 20) * 1000
+        cmd = [self.ray_cli(), "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
+               "--dashboard-host=127.0.0.1", f"--ray-client-server-port={self.client_port}",
+               f"--min-worker-port={base}", f"--max-worker-port={base + 999}", f"--num-cpus={self.num_cpus}",
+               f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        return self
+
+    def stop(self) -> None:
+        marks = [str(self.temp_dir), f":{self.gcs_port}", f"={self.client_port}", f"={self.dash_port}"]
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(m in " ".join(p.info["cmdline"] or []) for m in marks):
+                    roots.append(p)
+            except psutil.Error:
+                continue
+        procs = set(roots)
+        for r in roots:
+            try:
+                procs.update(r.children(recursive=True))
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(procs), timeout=15)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalHead":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
