@@ -296,13 +296,183 @@ class SAEConfig:
 
 
 @dataclass
+class VLLMSettings:
+    """Engine options of the vLLM backend (the defaults are the ones that work on CPU)."""
+
+    kv_cache_memory_bytes: int = 1 << 30
+    """KV-cache size. Always set: without it vLLM reserves ~90% of the machine's memory."""
+    enforce_eager: bool = True
+    """No CUDA graphs / compilation (needed on CPU; faster start-up everywhere)."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + generation (tokens). None: the model's maximum context."""
+    max_num_seqs: int = 64
+    """Sequences the engine schedules at once."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine spans (set evaluate.actor_gpus to match)."""
+    in_process: bool = True
+    """Run the engine core inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0): no child
+    process to outlive a killed actor."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_memory_bytes < (16 << 20):
+            raise ConfigError(f"evaluate.vllm.kv_cache_memory_bytes must be >= 16 MiB, got {self.kv_cache_memory_bytes!r}")
+        for name in ("max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.vllm.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ConfigError(f"evaluate.vllm.max_model_len must be >= 16, got {self.max_model_len!r}")
+
+
+@dataclass
 class EvaluateConfig:
     """Benchmarks through vLLM / transformers generation; Table 1."""
+
+    variants: list[str] = field(default_factory=lambda: ["base", "lora", "full"])
+    """Models to benchmark: base (the base model), lora (train/adapter on the base),
+    full (train_full/model). Table 1 needs all three."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Names of prepared benchmarks (data.benchmarks) to run; empty: all of them."""
+    limit: int = 0
+    """First N problems of each benchmark (0: all)."""
+    samples: int = 1
+    """Samples per problem; pass@1 is averaged over them (more than 1 needs temperature > 0)."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 512
+    """Token budget of one response (thinking + answer)."""
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """Generation backend. auto: vLLM when it is installed, else transformers batched generation."""
+    lora_mode: Literal["auto", "lora_request", "merged", "peft"] = "auto"
+    """How an adapter is served: lora_request (vLLM LoRARequest on the base weights), merged
+    (merged into the base weights; either backend), peft (transformers + peft adapter).
+    auto: lora_request on vLLM, peft on transformers."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Weights dtype of every variant. None: model.dtype (use float32 on CPU)."""
+    batch_size: int = 32
+    """Prompts handed to one actor call (transformers: one generate() batch)."""
+    actors: int = 1
+    """Generation actors (Ray Data); each holds one engine."""
+    actor_cpus: float = 1.0
+    """Logical CPUs Ray reserves per actor."""
+    actor_gpus: float = 0.0
+    """GPUs per actor (vLLM on GPU: 1, or tensor_parallel_size)."""
+    threads: int = 0
+    """torch threads per actor (0: every core of the machine)."""
+    tail_chars: int = 300
+    """Characters graded when a response never writes model.answer_marker (flagged per row)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """vLLM engine options."""
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise ConfigError("evaluate.variants must name at least one variant (base, lora, full)")
+        bad = [v for v in self.variants if v not in ("base", "lora", "full")]
+        if bad:
+            raise ConfigError(f"evaluate.variants: unknown variant {bad[0]!r} (known: base, lora, full)")
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"evaluate.variants has duplicates: {self.variants!r}")
+        for name in ("samples", "max_new_tokens", "batch_size", "actors", "tail_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("limit", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"evaluate.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"evaluate.temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"evaluate.top_p must be in (0, 1], got {self.top_p!r}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ConfigError(
+                f"evaluate.samples is {self.samples} but evaluate.temperature is 0: greedy samples are "
+                "identical; set a temperature > 0 (e.g. 0.6) or samples: 1"
+            )
+        if self.actor_cpus <= 0 or self.actor_gpus < 0:
+            raise ConfigError(f"evaluate.actor_cpus must be > 0 and evaluate.actor_gpus >= 0, got "
+                              f"{self.actor_cpus!r} and {self.actor_gpus!r}")
+        if self.backend == "vllm" and self.lora_mode == "peft":
+            raise ConfigError("evaluate.lora_mode 'peft' needs evaluate.backend 'transformers' (vLLM serves "
+                              "adapters as 'lora_request' or 'merged')")
+        if self.backend == "transformers" and self.lora_mode == "lora_request":
+            raise ConfigError("evaluate.lora_mode 'lora_request' needs evaluate.backend 'vllm' (transformers "
+                              "serves adapters as 'peft' or 'merged')")
+
+
+@dataclass
+class AblationGroup:
+    """A set of adapter components ablated together (Table 2: all attention, all MLP)."""
+
+    name: str = "mlp"
+    """Name in tables and file names (the variant is called `<name>_ablated`)."""
+    modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    """Adapted matrices whose components are zeroed (q_proj ... down_proj)."""
+    layers: list[int] = field(default_factory=list)
+    """Layers the group covers (empty: every layer)."""
+
+    def __post_init__(self) -> None:
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"ablate.groups: name must be letters, digits, '-' or '_', got {self.name!r}")
+        if not self.modules:
+            raise ConfigError(f"ablate.groups[{self.name}].modules must name at least one module")
+        for m in self.modules:
+            if m not in known:
+                raise ConfigError(f"ablate.groups[{self.name}].modules: unknown module {m!r} (known: {', '.join(known)})")
+        bad = [i for i in self.layers if i < 0]
+        if bad:
+            raise ConfigError(f"ablate.groups[{self.name}].layers: layer index {bad[0]!r} is negative")
 
 
 @dataclass
 class AblateConfig:
     """Component/layer KL ablations (Figure 1) and group ablations (Table 2)."""
+
+    heldout_docs: int = 0
+    """Held-out traces the KL is averaged over (0: every held-out trace in prepare/tokens)."""
+    batch_docs: int = 4
+    """Traces per forward pass (each pass carries batch_docs x ablations_per_pass rows)."""
+    ablations_per_pass: int = 8
+    """Ablations stacked into one forward pass (8 = a layer's 7 components + the whole layer)."""
+    components: bool = True
+    """KL of every single component ablated (Figure 1b)."""
+    layers: bool = True
+    """KL of every whole layer's adapters ablated (Figure 1a)."""
+    groups: list[AblationGroup] = field(default_factory=lambda: [
+        AblationGroup(name="attn", modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        AblationGroup(name="mlp", modules=["gate_proj", "up_proj", "down_proj"]),
+    ])
+    """Groups ablated together: their KL, and (benchmark_groups) their benchmark scores (Table 2)."""
+    benchmark_groups: bool = True
+    """Benchmark each group-ablated adapter with the evaluate settings (needs the evaluate stage
+    done with variants base and lora, for b and l of Table 2)."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Weights dtype of the KL forward passes. None: model.dtype."""
+    actors: int = 1
+    """KL actors (Ray Data); held-out traces are sharded across them."""
+    actor_cpus: float = 1.0
+    """Logical CPUs Ray reserves per actor."""
+    actor_gpus: float = 0.0
+    """GPUs per actor."""
+    threads: int = 0
+    """torch threads per actor (0: every core of the machine)."""
+    top: int = 10
+    """Components and layers listed in the printed summary."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_docs", "ablations_per_pass", "actors", "top"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ablate.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("heldout_docs", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ablate.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.actor_cpus <= 0 or self.actor_gpus < 0:
+            raise ConfigError(f"ablate.actor_cpus must be > 0 and ablate.actor_gpus >= 0, got "
+                              f"{self.actor_cpus!r} and {self.actor_gpus!r}")
+        names = [g.name for g in self.groups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"ablate.groups: duplicate names {dup}")
 
 
 @dataclass
