@@ -256,10 +256,19 @@ class SAEConfig:
     """Rate of the running estimate of the smallest kept activation, the inference threshold."""
     shuffle_buffer: int = 65_536
     """Tokens held in the local shuffle buffer while streaming (0: no shuffle)."""
+    loader: Literal["ray_data", "pyarrow"] = "ray_data"
+    """How workers stream the activation Parquet: a Ray Data dataset shard per worker
+    (`iter_torch_batches`; the path for clusters), or each worker reading its share of the
+    files with pyarrow (no Ray Data start-up per epoch: measured several seconds per epoch on
+    2 cores, which dominates small data trained for many epochs)."""
     num_workers: int = 1
     """Ray Train workers (data-parallel; gradients are averaged)."""
+    cpus_per_worker: int = 2
+    """CPUs (and torch threads) of each worker."""
     use_gpu: bool = False
     """Give each worker a GPU."""
+    max_failures: int = 1
+    """Worker-group restarts (from the last checkpoint) before the stage fails."""
     checkpoint_every: int = 500
     """Steps between checkpoints (plus one at the end)."""
     keep_checkpoints: int = 2
@@ -269,7 +278,8 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         positive = ("expansion", "k", "norm_tokens", "batch_size", "epochs", "dead_tokens",
-                    "num_workers", "checkpoint_every", "keep_checkpoints", "encode_batch_size")
+                    "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+                    "encode_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"sae.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -289,6 +299,8 @@ class SAEConfig:
             raise ConfigError(f"sae.threshold_ema must be in (0, 1], got {self.threshold_ema!r}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"sae.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
+        if self.max_failures < 0:
+            raise ConfigError(f"sae.max_failures must be >= 0, got {self.max_failures!r}")
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"sae.batch_size ({self.batch_size}) must be divisible by sae.num_workers ({self.num_workers})"

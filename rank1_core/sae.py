@@ -104,19 +104,19 @@ def activation_files(fs: Optional[pafs.FileSystem], directory: str) -> list[str]
     return files
 
 
-def check_activation_files(fs: Optional[pafs.FileSystem], files: list[str], columns: list[str]) -> int:
-    """Check every file's schema against the catalogue columns; return the total row count.
+def check_activation_files(fs: Optional[pafs.FileSystem], files: list[str], columns: list[str]) -> list[int]:
+    """Check every file's schema against the catalogue columns; return each file's row count.
 
     Each file needs doc_id, pos and every catalogue column as a float; a float column the
     catalogue does not name is an error too (the SAE width would silently disagree)."""
     fs = _fs(fs)
-    total = 0
+    rows = []
     want = set(columns)
     for path in files:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
-            total += pf.metadata.num_rows
+            rows.append(pf.metadata.num_rows)
         names = set(schema.names)
         for c in ("doc_id", "pos"):
             if c not in names:
@@ -137,7 +137,7 @@ def check_activation_files(fs: Optional[pafs.FileSystem], files: list[str], colu
         for c in columns:
             if not pa.types.is_floating(schema.field(c).type):
                 raise SAEInputError(f"{path}: column {c!r} has type {schema.field(c).type}, expected a float")
-    return total
+    return rows
 
 
 class ColumnCollate:
@@ -211,13 +211,14 @@ class _Buffer:
 
 
 def iter_activation_batches(fs: Optional[pafs.FileSystem], files: list[str], columns: list[str],
-                            batch_size: int, *, shuffle_buffer: int = 0, seed: int = 0,
+                            batch_size: int, *, shuffle_buffer: int = 0, seed: int | tuple = 0,
                             drop_last: bool = False, read_rows: int = 16_384,
                             max_rows: Optional[int] = None) -> Iterator[dict[str, Any]]:
     """Stream activation Parquet as collated batches without loading it whole.
 
     Files are read in order, `read_rows` rows at a time; with `shuffle_buffer` > 0 each batch
-    is drawn at random (numpy generator seeded with `seed`) from a buffer of at least that
+    is drawn at random (numpy generator seeded with `seed`, an int or a tuple such as
+    (run seed, epoch, rank)) from a buffer of at least that
     many rows. Non-finite values raise `SAEInputError` naming the file, token and column."""
     fs = _fs(fs)
     rng = np.random.default_rng(seed)
@@ -603,12 +604,18 @@ def steps_per_epoch(n_tokens: int, batch_size: int, world: int = 1) -> int:
     return (n_tokens // world) // (batch_size // world)
 
 
-def plan_steps(cfg: SAEConfig, n_tokens: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) for `n_tokens` of data."""
-    spe = steps_per_epoch(n_tokens, cfg.batch_size, cfg.num_workers)
+def plan_steps(cfg: SAEConfig, n_tokens: int, shard_tokens: Optional[list[int]] = None) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `n_tokens` of data; with `shard_tokens` (tokens of
+    each worker's own files) every worker stops at the smallest shard's batch count."""
+    if shard_tokens is None:
+        spe = steps_per_epoch(n_tokens, cfg.batch_size, cfg.num_workers)
+    else:
+        spe = min(shard_tokens) // (cfg.batch_size // cfg.num_workers)
     if spe < 1:
         raise SAEInputError(f"sae.batch_size ({cfg.batch_size}) exceeds the {n_tokens} tokens of "
-                            f"activation data (split over {cfg.num_workers} worker(s)); lower sae.batch_size")
+                            f"activation data (split over {cfg.num_workers} worker(s)"
+                            + (f", smallest share {min(shard_tokens)}" if shard_tokens else "")
+                            + "); lower sae.batch_size")
     total = spe * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -850,7 +857,19 @@ class StageInputs:
     files: list[str]
     columns: list[str]
     kinds: list[str]
-    tokens: int
+    rows: list[int]
+    """Tokens of each file."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.rows)
+
+    def shard(self, rank: int, world: int) -> list[str]:
+        """Files of worker `rank` when workers read files themselves (dealt round-robin)."""
+        return self.files[rank::world]
+
+    def shard_tokens(self, world: int) -> list[int]:
+        return [sum(self.rows[r::world]) for r in range(world)]
 
     @classmethod
     def from_extract(cls, fs: Optional[pafs.FileSystem], extract_path: str) -> "StageInputs":
@@ -858,8 +877,8 @@ class StageInputs:
         cat = read_catalogue(fs, f"{extract_path}/components.parquet")
         columns = cat.column("column").to_pylist()
         files = activation_files(fs, f"{extract_path}/activations")
-        n = check_activation_files(fs, files, columns)
-        return cls(fs, files, columns, cat.column("kind").to_pylist(), n)
+        rows = check_activation_files(fs, files, columns)
+        return cls(fs, files, columns, cat.column("kind").to_pylist(), rows)
 
     def batches(self, batch_size: int, **kw) -> Iterator[dict]:
         return iter_activation_batches(self.fs, self.files, self.columns, batch_size, **kw)
@@ -883,7 +902,7 @@ def train_local(cfg: SAEConfig, inputs: StageInputs, out_path: str, seed: int = 
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
     run_training(trainer, lambda ep: inputs.batches(cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                                                    seed=seed * 1000 + ep, drop_last=True), spe, on_step)
+                                                    seed=(seed, ep, 0), drop_last=True), spe, on_step)
     dead = trainer.dead_mask().cpu().numpy()
     writer = FeatureWriter(out_fs, f"{out_path}/features")
     stats = encode_batches(sae, inputs.batches(cfg.encode_batch_size), ~dead, writer)
