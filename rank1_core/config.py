@@ -494,7 +494,48 @@ class AutointerpConfig:
 
 @dataclass
 class ReportConfig:
-    """Tables, figures and HTML feature dashboards."""
+    """Tables, figures and HTML feature dashboards of whatever stages of a run are done."""
+
+    sources: Optional[list[Literal["adapter", "neuron", "sae"]]] = None
+    """Feature sources with dashboards (None: every source the run has)."""
+    contexts: int = 64
+    """Top contexts shown per feature and sign (paper: 64; at most topk.k exist)."""
+    context_before: Optional[int] = None
+    """Tokens shown before each hit (None: the whole window the topk stage stored)."""
+    context_after: Optional[int] = None
+    """Tokens shown after each hit (None: the whole stored window)."""
+    trace_max_tokens: int = 2048
+    """Longest whole trace on a feature page; a longer document is cut to a window of this
+    many tokens around the feature's top hit (the page says so)."""
+    histogram_bins: int = 40
+    """Bins of each feature's activation histogram."""
+    sample_tokens: int = 2_000_000
+    """Tokens read (first files first) for the histograms and Figure 3's category densities
+    (0: every token; the paper used a subset of the training data)."""
+    max_features: int = 0
+    """At most this many feature pages per source, in catalogue order (0: every feature)."""
+    figure_dpi: int = 130
+    """Resolution of the PNG figures."""
+
+    def __post_init__(self) -> None:
+        if self.sources is not None:
+            if not self.sources:
+                raise ConfigError("report.sources must not be empty (null: every available source)")
+            dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
+            if dup:
+                raise ConfigError(f"report.sources lists {dup} twice")
+        for name in ("contexts", "trace_max_tokens", "figure_dpi"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"report.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.histogram_bins < 2:
+            raise ConfigError(f"report.histogram_bins must be >= 2, got {self.histogram_bins!r}")
+        for name in ("sample_tokens", "max_features"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"report.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("context_before", "context_after"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"report.{name} must be >= 0 or null, got {v!r}")
 
 
 # --------------------------------------------------------------------------- root

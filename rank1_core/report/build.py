@@ -1,0 +1,594 @@
+"""Build the whole report of a run into a local folder: what exists is drawn, the rest listed.
+
+    result = build_report(RunDir("runs/demo"), ReportConfig(), Path("runs/demo/report"))
+
+Layout of the folder:
+
+    index.html            the report: stage status, Table 1, Table 2, Figures 1-3, curves,
+                          detection scores, autointerp spend, what is missing and why
+    features.html         every feature, searchable and filterable in the page
+    features/<source>/<name>.html   one page per feature
+    traces/d<doc>.js      tokens of the documents shown as whole traces (shared by pages)
+    tables/*.md|csv       Table 1, Table 2 and the data behind each figure
+    figures/*.png         Figure 1-3, SAE and training curves, detection scores
+    assets/               style.css, index.js, feature.js
+    report.json           what was rendered, what is missing, sizes
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rank1_core.config import ReportConfig
+from rank1_core.report import activations as act
+from rank1_core.report import dashboards as dash
+from rank1_core.report import figures as figs
+from rank1_core.report import tables as tabs
+from rank1_core.report.catalogue import build_catalogue, present, where
+from rank1_core.report.loaders import SOURCES, Missing, RunInputs, feature_key, sae_index, stage_rows
+from rank1_core.rundir import RunDir, code_version
+
+CONTEXT_COLUMNS = ["feature", "sign", "rank", "doc_id", "pos", "value", "context_tokens", "context_values",
+                   "hit_index"]
+DENSE_STORE = {"adapter": ("extract", "activations"), "neuron": ("extract", "neurons")}
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    rendered: list[str] = field(default_factory=list)
+    missing: list[Missing] = field(default_factory=list)
+    pages: dict[str, int] = field(default_factory=dict)
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"rendered": self.rendered, "missing": [{"what": m.what, "why": m.why} for m in self.missing],
+                "pages": self.pages, "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+
+
+class Section:
+    def __init__(self, anchor: str, title: str):
+        self.anchor, self.title, self.parts = anchor, title, []
+
+    def add(self, html_text: str) -> "Section":
+        self.parts.append(html_text)
+        return self
+
+    def html(self) -> str:
+        return f'<section id="{self.anchor}"><h2>{dash.esc(self.title)}</h2>{"".join(self.parts)}</section>'
+
+
+def _figure(rel: str, caption: str) -> str:
+    return (f'<figure><a href="{dash.esc(rel)}"><img src="{dash.esc(rel)}" alt="{dash.esc(caption)}"></a>'
+            f"<figcaption>{dash.esc(caption)}</figcaption></figure>")
+
+
+def _links(files: dict) -> str:
+    return '<p class="muted">' + " · ".join(f'<a href="{dash.esc(v)}">{dash.esc(k)}</a>' for k, v in files.items()) + "</p>"
+
+
+class ReportBuilder:
+    def __init__(self, run: RunDir, cfg: ReportConfig, out: Path, log: Callable[[str], None] = print,
+                 on_page: Optional[Callable[[int], None]] = None):
+        self.run, self.cfg, self.out, self.log = run, cfg, Path(out), log
+        self.on_page = on_page or (lambda n: None)
+        self.inputs = RunInputs(run)
+        self.result = ReportResult(self.out)
+        self.sections: list[Section] = []
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def done(self, name: str) -> None:
+        self.result.rendered.append(name)
+
+    def _miss(self, what: str, why: str) -> None:
+        self.inputs.miss(what, why)
+
+    # ---- tables ---------------------------------------------------------------------
+
+    def tables(self) -> None:
+        inp = self.inputs
+        tdir = self.out / "tables"
+        summary = inp.table("evaluate", "summary.parquet", "Table 1 (recovery)", ["variant", "benchmark", "pass1"],
+                            optional=["stderr", "n_problems", "n_samples"])
+        sec = Section("table1", "Table 1: recovery of the full fine-tune's gain by the rank-1 LoRA")
+        if summary is not None and len(summary):
+            t1 = tabs.table1(summary)
+            disp = tabs.table1_display(t1)
+            files = tabs.write_table(t1, tdir, "table1", disp, "Table 1: pass@1 of the base model, the rank-1 "
+                                     "LoRA and the full fine-tune; % Recovery = (LoRA - base) / (full - base).")
+            sec.add(dash.html_table(disp)).add(_links(files))
+            if "full" not in t1.columns or "lora" not in t1.columns or "base" not in t1.columns:
+                lacking = [v for v in ("base", "lora", "full") if v not in t1.columns]
+                self._miss("Table 1 % recovery", f"evaluate/summary.parquet has no variant(s) {', '.join(lacking)}")
+            self.done("table1")
+        elif summary is not None:
+            self._miss("Table 1 (recovery)", "evaluate/summary.parquet has no rows")
+        self.sections.append(sec)
+
+        sec = Section("table2", "Table 2: group ablations (share of the LoRA's recovered gain)")
+        t2 = None
+        if self.inputs.exists("ablate", "groups.parquet"):
+            groups = inp.table("ablate", "groups.parquet", "Table 2 (group ablations)", [], all_columns=True)
+            if groups is not None:
+                t2 = tabs.table2_from_groups(groups, summary)
+                kl_cols = [c for c in ("group", "variant", "modules", "kl_mean", "kl_sem", "n_tokens") if c in groups]
+                if "kl_mean" in groups and kl_cols:
+                    kl = groups[kl_cols].drop_duplicates()
+                    tabs.write_table(kl, tdir, "group_kl")
+                    sec.add("<p>KL(group ablated ‖ full adapter) on held-out traces:</p>" + dash.html_table(kl))
+        if t2 is not None and len(t2):
+            disp = tabs.table2_display(t2)
+            files = tabs.write_table(t2, tdir, "table2", disp, "Table 2: absolute scores with (x - b)/(l - b) in "
+                                     "parentheses, b the base model and l the full rank-1 LoRA.")
+            sec.add(dash.html_table(disp)).add(_links(files))
+            self.done("table2")
+        elif inp.exists("ablate", "table2.csv"):
+            t2 = pd.read_csv(io.StringIO(inp.text("ablate", "table2.csv")))
+            files = tabs.write_table(t2, tdir, "table2")
+            sec.add(dash.html_table(t2)).add(_links(files))
+            self.done("table2")
+        elif not sec.parts:
+            st = inp.need("ablate", "Table 2 (group ablations)")
+            if st is not None:
+                self._miss("Table 2 (group ablations)", "ablate has neither groups.parquet with benchmark scores "
+                           "(benchmark, pass1) nor table2.csv")
+        self.sections.append(sec)
+
+    # ---- figure 1 -------------------------------------------------------------------
+
+    def figure1(self) -> None:
+        inp = self.inputs
+        sec = Section("figure1", "Figure 1: effect of ablating LoRA components")
+        kl_layers = inp.table("ablate", "kl_layers.parquet", "Figure 1a (KL by layer)", ["layer", "kl_mean"],
+                              optional=["kl_sem", "n_tokens"])
+        kl_comp = inp.table("ablate", "kl_components.parquet", "Figure 1b (KL per component)",
+                            ["layer", "module", "kl_mean"], optional=["column", "kind", "kl_sem", "n_tokens"])
+        kl_layers = kl_layers if kl_layers is not None and len(kl_layers) else None
+        kl_comp = kl_comp if kl_comp is not None and len(kl_comp) else None
+        if kl_layers is None and kl_comp is None:
+            self.sections.append(sec)
+            return
+        figs.figure1(kl_layers, kl_comp, self.out / "figures" / "figure1.png", self.cfg.figure_dpi)
+        sec.add(_figure("figures/figure1.png", "(a) KL(ablated ‖ full adapter) with every adapter component of a "
+                        "layer zeroed; (b) each component zeroed alone, modules × layers."))
+        tdir = self.out / "tables"
+        if kl_layers is not None:
+            tabs.write_table(kl_layers.sort_values("layer"), tdir, "figure1a_kl_layers")
+        if kl_comp is not None:
+            tabs.write_table(kl_comp, tdir, "figure1b_kl_components")
+            top = tabs.top_components(kl_comp)
+            sec.add("<p>Components with the largest KL when ablated alone:</p>" + dash.html_table(top))
+            if "kind" in kl_comp:
+                by = kl_comp.groupby("kind")["kl_mean"].agg(["mean", "median", "count"]).reset_index()
+                sec.add("<p>By kind:</p>" + dash.html_table(by))
+        self.done("figure1")
+        self.sections.append(sec)
+
+    # ---- curves ------------------------------------------------------------------------
+
+    def curves(self) -> None:
+        inp = self.inputs
+        sec = Section("training", "Training curves")
+        runs = {}
+        for stage, label in (("train", "rank-1 LoRA"), ("train_full", "full fine-tune")):
+            if inp.done(stage):
+                m = inp.table(stage, "metrics.parquet", f"{label} training curve", [], all_columns=True)
+                if m is not None and len(m):
+                    runs[label] = m
+            else:
+                inp.need(stage, f"{label} training curve")
+        if runs:
+            p = figs.curves(pd.DataFrame(), self.out / "figures" / "training_curves.png", "Fine-tuning",
+                            figs.TRAIN_CURVES, dpi=self.cfg.figure_dpi, others=runs)
+            if p is not None:
+                sec.add(_figure("figures/training_curves.png", "loss, held-out loss, learning rate and "
+                                "throughput per optimizer step: " + ", ".join(runs)))
+                self.done("training_curves")
+        self.sections.append(sec)
+
+        sec = Section("sae", "SAE")
+        m = inp.table("sae", "metrics.parquet", "SAE training curves", [], all_columns=True)
+        summ = inp.manifest("sae").get("extra", {}) if inp.done("sae") else {}
+        if not summ and inp.exists("sae", "summary.json"):
+            summ = inp.json("sae", "summary.json", "SAE summary") or {}
+        keys = [k for k in ("fvu", "fve", "nmse", "l0", "live_features", "latents", "dead_fraction", "tokens",
+                            "train_steps", "k") if k in summ]
+        if keys:
+            sec.add(dash.html_table(pd.DataFrame([{k: summ[k] for k in keys}])))
+        if m is not None and len(m):
+            x = "step" if "step" in m else m.columns[0]
+            if figs.curves(m, self.out / "figures" / "sae_curves.png", "SAE training", x=x,
+                           dpi=self.cfg.figure_dpi) is not None:
+                sec.add(_figure("figures/sae_curves.png", "SAE training: loss, normalised MSE, AuxK loss, fraction "
+                                "of variance unexplained, L0, dead latents, learning rate"))
+                self.done("sae_curves")
+            else:
+                self._miss("SAE training curves", "sae/metrics.parquet has none of the columns "
+                           + ", ".join(c for c, _ in figs.SAE_CURVES))
+        self.sections.append(sec)
+
+    # ---- features ------------------------------------------------------------------
+
+    def features(self) -> None:
+        inp, cfg = self.inputs, self.cfg
+        cat = build_catalogue(inp, cfg.sources)
+        self.catalogue = cat
+        if cat.empty:
+            self._miss("feature dashboards", "no stage has listed any feature yet (extract, sae, topk, autointerp)")
+            return
+        if not inp.done("autointerp"):
+            inp.need("autointerp", "explanations, classifications and categories of features")
+        if not inp.done("topk"):
+            inp.need("topk", "top-64 contexts on feature pages")
+        sample: dict[str, dict] = {}
+        for src in [s for s in SOURCES if (cat["source"] == s).any()]:
+            sub = cat[cat["source"] == src]
+            if cfg.max_features:
+                sub = sub.head(cfg.max_features)
+            sample[src] = self._histograms(src, sub)
+            self._pages(src, sub, sample[src])
+        self._feature_index(cat)
+        self._figure2(cat)
+        self._figure3(cat, sample.get("sae"))
+        self._scores(cat)
+
+    def _histograms(self, src: str, sub: pd.DataFrame) -> dict:
+        inp, cfg = self.inputs, self.cfg
+        keys = sub["key"].tolist()
+        lo = pd.to_numeric(sub["min"], errors="coerce").to_numpy(dtype=np.float64)
+        hi = pd.to_numeric(sub["max"], errors="coerce").to_numpy(dtype=np.float64)
+        if src in DENSE_STORE:
+            stage, rel = DENSE_STORE[src]
+            schema = inp.parts_schema(stage, rel)
+            if schema is None:
+                inp.need(stage, f"activation histograms ({src})") if not inp.done(stage) else \
+                    self._miss(f"activation histograms ({src})", f"{stage}/{rel}/ has no Parquet files")
+                return {}
+            cols = [k for k in keys if k in schema.names]
+            if not cols:
+                self._miss(f"activation histograms ({src})", f"{stage}/{rel} has none of the feature columns")
+                return {}
+            idx = [keys.index(c) for c in cols]
+            t0 = time.perf_counter()
+            h, n = act.dense_histograms(inp, stage, rel, cols, lo[idx], hi[idx], cfg.histogram_bins, cfg.sample_tokens)
+            self.log(f"[report] {src}: histograms of {len(cols)} features over {n:,} tokens "
+                     f"({time.perf_counter() - t0:.1f}s)")
+            return {"hist": h, "row": {c: i for i, c in enumerate(cols)}, "tokens": n}
+        if not inp.done("sae") or not inp.part_files("sae", "features"):
+            inp.need("sae", "SAE activation histograms and Figure 3") if not inp.done("sae") else \
+                self._miss("SAE activation histograms and Figure 3", "sae/features/ has no Parquet files")
+            return {}
+        index = [sae_index(k) for k in keys]
+        ok = [i for i, x in enumerate(index) if x is not None]
+        lo_s = np.minimum(np.nan_to_num(lo[ok], nan=np.nan), 0.0) if len(ok) else lo[ok]
+        t0 = time.perf_counter()
+        s = act.sae_sample(inp, [index[i] for i in ok], lo_s, hi[ok], cfg.histogram_bins, cfg.sample_tokens)
+        self.log(f"[report] sae: histograms and sums of {len(ok)} features over {s.tokens:,} tokens "
+                 f"({time.perf_counter() - t0:.1f}s)")
+        return {"hist": s.hist, "row": {keys[i]: j for j, i in enumerate(ok)}, "tokens": s.tokens,
+                "sums": {keys[i]: float(s.sums[j]) for j, i in enumerate(ok)},
+                "fired": {keys[i]: int(s.fired[j]) for j, i in enumerate(ok)}}
+
+    def _contexts(self, src: str, keys: set[str]) -> dict[str, dict[str, list]]:
+        """feature key -> {'pos': [...], 'neg': [...]} rows (dicts) ordered by rank."""
+        inp = self.inputs
+        if not inp.exists("topk", "contexts.parquet"):
+            if inp.done("topk"):
+                self._miss("top contexts on feature pages", "topk/contexts.parquet does not exist")
+            return {}
+        schema = inp.schema("topk", "contexts.parquet")
+        lacking = [c for c in ["source", *CONTEXT_COLUMNS] if c not in schema.names]
+        if lacking:
+            self._miss("top contexts on feature pages", f"topk/contexts.parquet lacks column(s) {', '.join(lacking)}")
+            return {}
+        st = inp.stage("topk")
+        with st.fs.open_input_file(st.path("contexts.parquet")) as f:
+            t = pq.read_table(f, columns=CONTEXT_COLUMNS, filters=[("source", "==", src)])
+        if t.num_rows == 0:
+            return {}
+        fk = [feature_key(src, x) for x in t.column("feature").to_pylist()]
+        t = t.append_column("_key", pa.array(fk, pa.string()))
+        t = t.filter(pc.is_in(t.column("_key"), value_set=pa.array(sorted(keys), pa.string())))
+        t = t.sort_by([("_key", "ascending"), ("sign", "ascending"), ("rank", "ascending")])
+        keys_col = t.column("_key").to_numpy(zero_copy_only=False)
+        out: dict[str, dict[str, list]] = {}
+        if len(keys_col) == 0:
+            return out
+        bounds = np.flatnonzero(keys_col[1:] != keys_col[:-1]) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(keys_col)]])
+        limit = self.cfg.contexts
+        for s, e in zip(starts, ends):
+            rows = t.slice(int(s), int(e - s)).drop_columns(["_key", "feature"]).to_pylist()
+            d: dict[str, list] = {"pos": [], "neg": []}
+            for r in rows:
+                sign = "neg" if str(r["sign"]).startswith("neg") or str(r["sign"]) == "-" else "pos"
+                if len(d[sign]) < limit:
+                    d[sign].append(r)
+            out[str(keys_col[s])] = d
+        return out
+
+    def _trace_windows(self, src: str, ctx: dict) -> dict[str, act.Window]:
+        inp = self.inputs
+        hits = {}
+        for k, d in ctx.items():
+            top = (d["pos"] or d["neg"])
+            if top:
+                hits[k] = (int(top[0]["doc_id"]), int(top[0]["pos"]))
+        if not hits:
+            return {}
+        if not inp.done("extract") or inp.parts_schema("extract", "tokens") is None:
+            inp.need("extract", "whole traces on feature pages") if not inp.done("extract") else \
+                self._miss("whole traces on feature pages", "extract/tokens/ has no Parquet files")
+            return {}
+        docs = {d for d, _ in hits.values()}
+        missing_docs = docs - set(self.doc_tokens)
+        if missing_docs:
+            self.doc_tokens.update(act.read_doc_tokens(inp, missing_docs))
+        out = {}
+        for k, (doc, pos) in hits.items():
+            toks = self.doc_tokens.get(doc)
+            if toks:
+                out[k] = act.window_for(doc, min(pos, len(toks) - 1), len(toks), self.cfg.trace_max_tokens)
+        return out
+
+    def _pages(self, src: str, sub: pd.DataFrame, sample: dict) -> None:
+        inp, cfg = self.inputs, self.cfg
+        keys = sub["key"].tolist()
+        ctx = self._contexts(src, set(keys)) if inp.done("topk") else {}
+        if not hasattr(self, "doc_tokens"):
+            self.doc_tokens: dict[int, list[str]] = {}
+            self.trace_ranges: dict[int, list[int]] = {}
+        windows = self._trace_windows(src, ctx)
+        if windows:
+            if src in DENSE_STORE:
+                stage, rel = DENSE_STORE[src]
+                tvals = act.dense_window_values(inp, stage, rel, windows)
+            else:
+                tvals = act.sae_window_values(inp, windows, {k: sae_index(k) for k in windows if sae_index(k) is not None})
+        else:
+            tvals = {}
+        for w in windows.values():
+            r = self.trace_ranges.setdefault(w.doc, [w.start, w.end])
+            r[0], r[1] = min(r[0], w.start), max(r[1], w.end)
+        pdir = self.out / "features" / src
+        pdir.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
+        names = [dash.safe_name(k, taken) for k in keys]
+        self.page_names = getattr(self, "page_names", {})
+        for k, n in zip(keys, names):
+            self.page_names[(src, k)] = f"features/{src}/{n}.html"
+        hist = sample.get("hist")
+        records = sub.to_dict("records")
+        cb, ca = cfg.context_before, cfg.context_after
+        for i, row in enumerate(records):
+            k = row["key"]
+            row = {c: (v if present(v) else None) for c, v in row.items()}
+            row["where"] = where(row)
+            vocab: dict[str, int] = {}
+            maxabs = 0.0
+            sides = {}
+            for sign in ("pos", "neg"):
+                out = []
+                for r in ctx.get(k, {}).get(sign, []):
+                    toks, vals, hit = list(r["context_tokens"] or []), list(r["context_values"] or []), r["hit_index"]
+                    hit = int(hit) if hit is not None else 0
+                    lo = 0 if cb is None else max(0, hit - cb)
+                    hi_ = len(toks) if ca is None else min(len(toks), hit + ca + 1)
+                    toks, vals = toks[lo:hi_], [0.0 if v is None else v for v in vals[lo:hi_]]
+                    ids = [vocab.setdefault("" if t is None else str(t), len(vocab)) for t in toks]
+                    if vals:
+                        maxabs = max(maxabs, float(np.max(np.abs(vals))))
+                    maxabs = max(maxabs, abs(float(r["value"] or 0.0)))
+                    out.append([int(r["doc_id"]), int(r["pos"]), dash.r3(r["value"]), hit - lo,
+                                int(r["pos"]) - (hit - lo), ids, dash.r3_list(vals)])
+                sides[sign] = out
+            trace = None
+            if k in windows and k in tvals:
+                w = windows[k]
+                v = tvals[k]
+                if len(v):
+                    maxabs = max(maxabs, float(np.max(np.abs(v))))
+                trace = {"doc": w.doc, "start": w.start, "end": w.end, "total": w.total, "hit": w.hit,
+                         "vals": dash.r3_list(v)}
+            data = {"id": k, "source": src, "maxabs": dash.r3(maxabs) or 0, "toks": list(vocab),
+                    "pos": sides["pos"], "neg": sides["neg"], "trace": trace, "hist_tokens": sample.get("tokens", 0)}
+            if hist is not None and k in sample["row"]:
+                j = sample["row"][k]
+                hist_html = dash.histogram_svg(hist.counts[j], hist.edges(j), f"activation histogram of {k}")
+            else:
+                hist_html = '<p class="muted">no activation sample (extract or sae output missing)</p>'
+            nav = {"prev": f"{names[i - 1]}.html" if i > 0 else None,
+                   "next": f"{names[i + 1]}.html" if i + 1 < len(names) else None}
+            script = f"traces/d{trace['doc']}.js" if trace else None
+            (pdir / f"{names[i]}.html").write_text(dash.feature_page(row, data, hist_html, nav, script))
+            self.on_page(1)
+        self.result.pages[src] = len(records)
+        self.log(f"[report] {src}: {len(records)} feature pages ({len(ctx)} with contexts, {len(windows)} with traces)")
+
+    def _write_traces(self) -> None:
+        tdir = self.out / "traces"
+        for doc, (s, e) in getattr(self, "trace_ranges", {}).items():
+            tdir.mkdir(parents=True, exist_ok=True)
+            toks = self.doc_tokens.get(doc, [])[s:e]
+            (tdir / f"d{doc}.js").write_text(dash.trace_file(doc, s, toks))
+
+    def _feature_index(self, cat: pd.DataFrame) -> None:
+        cols = ["id", "source", "where", "explanation", "classification", "category", "score", "max", "density",
+                "href", "order"]
+        rows = []
+        for r in cat.to_dict("records"):
+            r = {c: (v if present(v) else None) for c, v in r.items()}
+            href = getattr(self, "page_names", {}).get((r["source"], r["key"]))
+            density = r.get("frac_active") if r.get("frac_active") is not None else r.get("freq")
+            cls = None if r.get("classification") is None else int(r["classification"])
+            rows.append([r["key"], r["source"], where(r), r.get("explanation"), cls,
+                         r.get("category_name"), dash.r3(r.get("score")), dash.r3(r.get("max")), dash.r3(density),
+                         href, int(r["order"])])
+        (self.out / "features.html").write_text(dash.feature_index_page(rows, cols, self.run.uri))
+        self.done("features_index")
+
+    def _figure2(self, cat: pd.DataFrame) -> None:
+        sec = Section("figure2", "Figure 2: monosemanticity and categories, LoRA components vs MLP neurons")
+        explained = cat[cat["explanation"].notna()]
+        if explained.empty:
+            if self.inputs.done("autointerp"):
+                self._miss("Figure 2", "autointerp/explanations.parquet has no explanation")
+            else:
+                self.inputs.need("autointerp", "Figure 2")
+            self.sections.append(sec)
+            return
+        srcs = [s for s in SOURCES if (explained["source"] == s).any()]
+        cls = figs.classification_shares(cat, srcs)
+        cats = figs.category_shares(cat, [s for s in srcs if s in ("adapter", "neuron")] or srcs)
+        figs.figure2(cls, cats, self.out / "figures" / "figure2.png", self.cfg.figure_dpi)
+        tabs.write_table(cls, self.out / "tables", "figure2_classification")
+        tabs.write_table(cats, self.out / "tables", "figure2_categories")
+        sec.add(_figure("figures/figure2.png", "(left) share of explained features the LLM classified clear, broad or "
+                        "polysemantic; (right) share of categorised features per category."))
+        if "neuron" not in srcs:
+            self._miss("Figure 2 baseline (MLP neurons)", "no neuron was explained (extract.mlp_neurons = 0, or "
+                       "autointerp skipped the neuron source)")
+        piv = cls.pivot_table(index="source", columns="label", values="share_pct", aggfunc="sum").reset_index()
+        sec.add(dash.html_table(piv.round(1)))
+        self.done("figure2")
+        self.sections.append(sec)
+
+    def _figure3(self, cat: pd.DataFrame, sample: Optional[dict]) -> None:
+        sec = Section("figure3", "Figure 3: category activation densities of SAE features")
+        sae = cat[cat["source"] == "sae"]
+        if sae.empty:
+            self.inputs.need("sae", "Figure 3")
+            if self.inputs.done("sae"):
+                self._miss("Figure 3", "the SAE has no live feature")
+        elif not sample or "sums" not in sample:
+            pass  # the reason was recorded by _histograms
+        elif sae["category_name"].isna().all():
+            if self.inputs.done("autointerp"):
+                self._miss("Figure 3", "no SAE feature has a category in autointerp/explanations.parquet")
+            else:
+                self.inputs.need("autointerp", "Figure 3")
+        else:
+            d = sae[["key", "category_name"]].dropna()
+            d = d.assign(sum=[sample["sums"].get(k, 0.0) for k in d["key"]])
+            g = d.groupby("category_name").agg(activation_sum=("sum", "sum"), features=("key", "size")).reset_index()
+            total = g["activation_sum"].sum()
+            g["density_pct"] = 100 * g["activation_sum"] / total if total > 0 else 0.0
+            g = g.rename(columns={"category_name": "category"}).sort_values("density_pct", ascending=False)
+            figs.figure3(g, self.out / "figures" / "figure3.png", self.cfg.figure_dpi)
+            tabs.write_table(g, self.out / "tables", "figure3_densities")
+            sec.add(_figure("figures/figure3.png", f"normalised sum of SAE feature activations within each category "
+                            f"over {sample['tokens']:,} tokens ({len(d)} categorised live features)."))
+            sec.add(dash.html_table(g.round(3)))
+            self.done("figure3")
+        self.sections.append(sec)
+
+    def _scores(self, cat: pd.DataFrame) -> None:
+        sec = Section("autointerp", "Autointerpretation")
+        if cat["score"].notna().any():
+            if figs.detection_scores(cat, self.out / "figures" / "detection_scores.png", self.cfg.figure_dpi):
+                sec.add(_figure("figures/detection_scores.png", "detection scores of the explanations per source, "
+                                "and their mean per classification"))
+                self.done("detection_scores")
+        elif self.inputs.done("autointerp"):
+            self._miss("explanation detection scores", "autointerp/explanations.parquet has no score")
+        calls = self.inputs.table("autointerp", "calls.parquet", "LLM calls and spend", [], all_columns=True) \
+            if self.inputs.done("autointerp") else None
+        if calls is not None and len(calls):
+            sp = tabs.spend_table(calls)
+            tabs.write_table(sp, self.out / "tables", "autointerp_spend")
+            sec.add("<p>LLM calls, tokens and spend:</p>" + dash.html_table(sp))
+            self.done("autointerp_spend")
+        self.sections.append(sec)
+
+    # ---- index ---------------------------------------------------------------------
+
+    def index(self) -> None:
+        inp = self.inputs
+        rows = stage_rows(inp)
+        trs = []
+        for r in rows:
+            fin = _dt.datetime.fromtimestamp(r["finished_at"]).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
+            secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+            items = list(r["rows"].items())
+            counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in items[:4])
+            counts += f", … ({len(items) - 4} more)" if len(items) > 4 else ""
+            trs.append(f'<tr><td>{dash.esc(r["stage"])}</td><td class="status-{r["state"]}">{dash.esc(r["state"])}'
+                       f'</td><td>{dash.esc(r["config_hash"])}</td><td>{dash.esc(fin)}</td>'
+                       f'<td class="num">{dash.esc(secs)}</td><td>{dash.esc(counts)}</td></tr>')
+        st = "".join(trs)
+        status = ('<table class="data"><thead><tr><th>stage</th><th>state</th><th>config</th><th>finished</th>'
+                  f'<th class="num">seconds</th><th>rows</th></tr></thead><tbody>{st}</tbody></table>')
+        missing = self.inputs.missing
+        miss_html = ('<ul class="missing">' + "".join(
+            f"<li><b>{dash.esc(m.what)}</b>: {dash.esc(m.why)}</li>" for m in missing) + "</ul>") if missing else \
+            "<p>Nothing: every part of the report was rendered.</p>"
+        pages = self.result.pages
+        feat = ""
+        if pages:
+            feat = ("<p><a href=\"features.html\"><b>Browse every feature</b></a> (searchable and filterable): "
+                    + ", ".join(f"{n:,} {dash.SOURCE_LABELS.get(s, s)}{'s' if n != 1 else ''}" for s, n in pages.items())
+                    + ".</p>")
+        toc = " · ".join(f'<a href="#{s.anchor}">{dash.esc(s.title.split(":")[0])}</a>' for s in self.sections if s.parts)
+        body = (f'<h1>rank1 report <small>{dash.esc(self.run.uri)}</small></h1>'
+                f'<p class="muted">generated {dash.esc(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))} by rank1 '
+                f'{dash.esc(code_version())}</p>{feat}<nav class="toc">{toc}</nav>'
+                f'<section id="status"><h2>Stages</h2>{status}</section>'
+                f'<section id="missing"><h2>Not rendered</h2>{miss_html}</section>'
+                + "".join(s.html() for s in self.sections if s.parts))
+        (self.out / "index.html").write_text(dash.page("rank1 report", body, "", (), "report"))
+
+    # ---- all ------------------------------------------------------------------------
+
+    def build(self) -> ReportResult:
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        dash.copy_assets(self.out)
+        self.tables()
+        self.figure1()
+        self.features()
+        self._write_traces()
+        self.curves()
+        order = {"table1": 0, "table2": 1, "figure1": 2, "figure2": 3, "figure3": 4, "sae": 5, "autointerp": 6,
+                 "training": 7}
+        self.sections.sort(key=lambda s: order.get(s.anchor, 99))
+        self.result.missing = list(self.inputs.missing)
+        self.index()
+        files = [p for p in self.out.rglob("*") if p.is_file()]
+        self.result.files = len(files) + 1
+        self.result.bytes = sum(p.stat().st_size for p in files)
+        self.result.seconds = time.perf_counter() - t0
+        (self.out / "report.json").write_text(json.dumps(self.result.to_dict(), indent=2) + "\n")
+        return self.result
+
+
+def build_report(run: RunDir | str, cfg: ReportConfig, out: Path, log: Callable[[str], None] = print,
+                 on_page: Optional[Callable[[int], None]] = None) -> ReportResult:
+    """Render every part of the report that the run's finished stages allow into `out`."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    return ReportBuilder(run, cfg, Path(out), log, on_page).build()
+
+
+def count_features(run: RunDir | str, cfg: ReportConfig) -> int:
+    """Pages the report will write (for a progress bar)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    cat = build_catalogue(RunInputs(run), cfg.sources)
+    if cfg.max_features:
+        return int(sum(min(cfg.max_features, n) for n in cat.groupby("source").size()))
+    return len(cat)

@@ -1,0 +1,162 @@
+"""The feature catalogue: every adapter component, baseline MLP neuron and live SAE feature
+of a run, with what the later stages found about it (explanation, classification, category,
+detection score, activation statistics).
+
+Which features exist comes from the stage that made them (extract's component and neuron
+catalogues, the SAE's latents table); a feature that only appears in topk or autointerp
+output is still listed. Keys follow `loaders.feature_key`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rank1_core.config import LORA_MODULES
+from rank1_core.report.loaders import SOURCES, RunInputs, feature_key, sae_index
+
+COLUMNS = ["source", "key", "order", "layer", "module", "kind", "neuron", "live", "freq", "explanation",
+           "classification", "classification_reasoning", "category", "category_name", "score", "model",
+           "error", "n_tokens", "mean", "std", "min", "max", "frac_active", "a_norm", "b_norm"]
+CLASS_NAMES = {0: "clear", 1: "broad", 2: "polysemantic"}
+
+
+def present(v: Any) -> bool:
+    """False for None, NaN and pd.NA."""
+    if v is None:
+        return False
+    try:
+        return not bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return True
+
+
+def category_names(categories: Any) -> dict[str, str]:
+    """string_id -> human-readable name, from categories.json in any nesting (the paper's
+    B.2 answer has {"categories": [{"string_id", "name", "definition", "examples"}]})."""
+    out: dict[str, str] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            sid = x.get("string_id", x.get("id"))
+            if isinstance(sid, str) and isinstance(x.get("name"), str):
+                out.setdefault(sid, x["name"])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(categories)
+    return out
+
+
+def _parse_adapter(key: str) -> dict:
+    m = re.fullmatch(r"L(\d+)_(\w+)", key)
+    if not m:
+        return {}
+    module = m.group(2)
+    return {"layer": int(m.group(1)), "module": module,
+            "kind": "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "attn"}
+
+
+def _parse_neuron(key: str) -> dict:
+    m = re.fullmatch(r"N(\d+)_(\d+)", key)
+    return {"layer": int(m.group(1)), "neuron": int(m.group(2)), "kind": "mlp"} if m else {}
+
+
+def _sort_key(source: str, key: str, row: dict) -> tuple:
+    if source == "adapter":
+        mod = row.get("module")
+        mi = LORA_MODULES.index(mod) if mod in LORA_MODULES else len(LORA_MODULES)
+        return (row.get("layer", 1 << 30), mi, key)
+    if source == "neuron":
+        return (row.get("layer", 1 << 30), row.get("neuron", 1 << 30), key)
+    idx = sae_index(key)
+    return (idx if idx is not None else 1 << 30, key)
+
+
+def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """One row per feature (COLUMNS), sources in SOURCES order, each in its natural order."""
+    rows: dict[tuple[str, str], dict] = {}
+
+    def add(source: str, key: str, **kw) -> dict:
+        r = rows.setdefault((source, key), {"source": source, "key": key})
+        for k, v in kw.items():
+            if present(v):
+                r[k] = v
+        return r
+
+    # ---- what exists --------------------------------------------------------------------
+    comps = inputs.table("extract", "components.parquet", "adapter component catalogue", ["column"],
+                         optional=["layer", "module", "kind", "a_norm", "b_norm"])
+    if comps is not None:
+        for r in comps.to_dict("records"):
+            add("adapter", str(r["column"]), **{k: r.get(k) for k in ("layer", "module", "kind", "a_norm", "b_norm")})
+    if inputs.exists("extract", "neuron_catalogue.parquet"):
+        neu = inputs.table("extract", "neuron_catalogue.parquet", "MLP neuron catalogue", ["column"],
+                           optional=["layer", "neuron"])
+        for r in ([] if neu is None else neu.to_dict("records")):
+            add("neuron", str(r["column"]), layer=r.get("layer"), neuron=r.get("neuron"), kind="mlp")
+    lat = inputs.table("sae", "latents.parquet", "SAE feature list", ["feature"], optional=["name", "live", "freq"])
+    if lat is not None:
+        if "live" in lat:
+            lat = lat[lat["live"].astype(bool)]
+        for r in lat.to_dict("records"):
+            add("sae", feature_key("sae", r.get("name") or int(r["feature"])), live=bool(r.get("live", True)),
+                freq=r.get("freq"))
+
+    stats = inputs.table("topk", "stats.parquet", "activation statistics", ["source", "feature"],
+                         optional=["n_tokens", "mean", "std", "min", "max", "frac_active"])
+    if stats is not None:
+        for r in stats.to_dict("records"):
+            src = str(r["source"])
+            add(src, feature_key(src, r["feature"]),
+                **{k: r.get(k) for k in ("n_tokens", "mean", "std", "min", "max", "frac_active")})
+
+    expl = inputs.table("autointerp", "explanations.parquet", "explanations", ["source", "feature"],
+                        optional=["explanation", "classification", "classification_reasoning", "category",
+                                  "score", "model", "error"])
+    cats = inputs.json("autointerp", "categories.json", "category names") if inputs.done("autointerp") else None
+    names = category_names(cats) if cats is not None else {}
+    if expl is not None:
+        for r in expl.to_dict("records"):
+            src = str(r["source"])
+            cat = str(r["category"]) if present(r.get("category")) else None
+            cls = int(r["classification"]) if present(r.get("classification")) else None
+            add(src, feature_key(src, r["feature"]),
+                explanation=str(r["explanation"]) if present(r.get("explanation")) else None,
+                classification=cls, classification_reasoning=r.get("classification_reasoning"),
+                category=cat, category_name=names.get(cat, cat) if cat else None,
+                score=r.get("score"), model=r.get("model"), error=r.get("error"))
+
+    # ---- shape ------------------------------------------------------------------------
+    want = list(sources) if sources else list(SOURCES)
+    out = []
+    for (src, key), r in rows.items():
+        if src not in want:
+            continue
+        parsed = _parse_adapter(key) if src == "adapter" else _parse_neuron(key) if src == "neuron" else {}
+        for k, v in parsed.items():
+            r.setdefault(k, v)
+        out.append(r)
+    out.sort(key=lambda r: (SOURCES.index(r["source"]) if r["source"] in SOURCES else 9,
+                            _sort_key(r["source"], r["key"], r)))
+    df = pd.DataFrame(out, columns=COLUMNS)
+    df["order"] = np.arange(len(df))
+    # object columns keep None (not NaN) for missing text
+    for c in ("explanation", "category", "category_name", "classification_reasoning", "model", "error", "module", "kind"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    return df
+
+
+def where(row: dict) -> str:
+    """'L03 gate_proj', 'L03 #0012' or '' (for SAE features: cross-layer)."""
+    if row["source"] == "adapter" and present(row.get("layer")) and present(row.get("module")):
+        return f"L{int(row['layer']):02d} {row['module']}"
+    if row["source"] == "neuron" and present(row.get("layer")) and present(row.get("neuron")):
+        return f"L{int(row['layer']):02d} #{int(row['neuron']):04d}"
+    return ""
