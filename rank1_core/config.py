@@ -213,10 +213,90 @@ class TrainConfig:
 class ExtractConfig:
     """Per-token adapter activations and baseline MLP neurons to Parquet (Ray Data)."""
 
+    actors: int = 2
+    """Actors in the Ray Data pool; each loads the model and adapter once."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs each actor reserves."""
+    gpus_per_actor: float = 0.0
+    """GPUs each actor reserves (0: run on CPU)."""
+    torch_threads: Optional[int] = None
+    """torch intra-op threads per actor (None: cpus_per_actor rounded up)."""
+    batch_docs: int = 16
+    """Documents per Ray Data batch; each batch becomes one Parquet file per table."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward pass (a longer document runs alone)."""
+    mlp_neurons: int = 60
+    """Baseline: the first N neurons of every MLP of the unadapted model (paper: 60; 0 = none)."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Model dtype while extracting (None: model.dtype). Stored values are float32 either way."""
+    splits: list[str] = field(default_factory=lambda: ["train", "heldout"])
+    """Which splits of prepare/tokens to extract."""
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+    """Parquet compression of the output files."""
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "batch_docs", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"extract.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            raise ConfigError(
+                f"extract.cpus_per_actor / extract.gpus_per_actor must be >= 0, got "
+                f"{self.cpus_per_actor!r} / {self.gpus_per_actor!r}"
+            )
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"extract.torch_threads must be >= 1 or null, got {self.torch_threads!r}")
+        if self.mlp_neurons < 0:
+            raise ConfigError(f"extract.mlp_neurons must be >= 0, got {self.mlp_neurons!r}")
+        bad = [s for s in self.splits if s not in ("train", "heldout")]
+        if bad or not self.splits:
+            raise ConfigError(f"extract.splits must be a non-empty subset of ['train', 'heldout'], got {self.splits!r}")
+
 
 @dataclass
 class TopkConfig:
     """Top-k activating contexts and per-feature statistics (DuckDB over Parquet)."""
+
+    k: int = 64
+    """Contexts per feature and sign (paper: 64)."""
+    max_per_doc: int = 4
+    """At most this many of a feature's top-k hits (per sign) from one document."""
+    window_before: int = 24
+    """Tokens of context before each hit."""
+    window_after: int = 8
+    """Tokens of context after each hit."""
+    sources: Optional[list[Literal["adapter", "neuron", "sae"]]] = None
+    """Feature sources; None: every available one (adapter, neuron if extracted, sae if its
+    stage is done). A source listed explicitly must be available."""
+    active_threshold: float = 0.0
+    """A token counts as active for a feature when its value exceeds this (stats.frac_active)."""
+    memory_limit: str = "4GB"
+    """DuckDB memory_limit; larger intermediate results spill to temp_dir."""
+    threads: Optional[int] = None
+    """DuckDB threads (None: DuckDB's default, all cores)."""
+    temp_dir: Optional[str] = None
+    """Local directory for DuckDB's database and spill files (None: the system temp dir)."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "max_per_doc"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"topk.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("window_before", "window_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"topk.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.active_threshold < 0:
+            raise ConfigError(f"topk.active_threshold must be >= 0, got {self.active_threshold!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"topk.threads must be >= 1 or null, got {self.threads!r}")
+        if self.sources is not None:
+            if not self.sources:
+                raise ConfigError("topk.sources must not be empty (null: every available source)")
+            dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
+            if dup:
+                raise ConfigError(f"topk.sources lists {dup} twice")
+        import re as _re
+
+        if not _re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", self.memory_limit, _re.I):
+            raise ConfigError(f"topk.memory_limit must look like '4GB' or '512MiB', got {self.memory_limit!r}")
 
 
 @dataclass

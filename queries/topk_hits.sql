@@ -1,0 +1,78 @@
+-- topk_hits: the $k strongest activations of each feature for both signs, at most
+-- $max_per_doc of them from one document, with the feature's values around each hit.
+--
+-- Only documents that can hold a hit are read again: $k documents each offer their own
+-- maximum, so no hit lies below the $k-th largest per-document maximum (likewise for the
+-- minimum); a document whose maximum is below it holds no hit.
+--
+-- views:  feature_values(feature VARCHAR, doc_id BIGINT, pos INTEGER, value FLOAT)
+--           dense, or sparse (unstored values are zero)
+--         doc_summary(feature, doc_id, n, sum, sumsq, hi, lo, n_active)
+--           (doc_summary.sql over the same feature_values)
+-- params: $k            hits per feature and sign
+--         $max_per_doc  most hits per feature, sign and document
+--         $before       positions of context before a hit
+--         $after        positions of context after a hit
+-- output: feature VARCHAR, sign VARCHAR ('pos': largest positive values first,
+--         'neg': most negative values first), rank INTEGER (1..$k), doc_id BIGINT,
+--         pos INTEGER, value FLOAT,
+--         window_pos INTEGER[], window_values FLOAT[]  (the feature's stored values at
+--         positions pos-$before .. pos+$after of the document, ascending)
+WITH thresholds AS (
+    SELECT
+        feature,
+        list_last(max(hi, $k)) AS t_pos,   -- k-th largest per-document maximum
+        list_last(min(lo, $k)) AS t_neg    -- k-th smallest per-document minimum
+    FROM doc_summary
+    GROUP BY feature
+),
+candidate_docs AS (
+    SELECT
+        s.feature,
+        s.doc_id,
+        s.hi > 0 AND s.hi >= t.t_pos AS for_pos,
+        s.lo < 0 AND s.lo <= t.t_neg AS for_neg
+    FROM doc_summary AS s JOIN thresholds AS t USING (feature)
+    WHERE (s.hi > 0 AND s.hi >= t.t_pos) OR (s.lo < 0 AND s.lo <= t.t_neg)
+),
+doc_rows AS MATERIALIZED (
+    SELECT v.feature, v.doc_id, v.pos, v.value, c.for_pos, c.for_neg
+    FROM feature_values AS v
+    JOIN candidate_docs AS c ON v.feature = c.feature AND v.doc_id = c.doc_id
+),
+signed AS (
+    SELECT 'pos' AS sign, feature, doc_id, pos, value, value AS strength
+    FROM doc_rows WHERE for_pos AND value > 0
+    UNION ALL
+    SELECT 'neg' AS sign, feature, doc_id, pos, value, -value AS strength
+    FROM doc_rows WHERE for_neg AND value < 0
+),
+capped AS (
+    SELECT * FROM signed
+    QUALIFY row_number() OVER (PARTITION BY feature, sign, doc_id ORDER BY strength DESC, pos) <= $max_per_doc
+),
+hits AS (
+    SELECT
+        feature, sign, doc_id, pos, value,
+        row_number() OVER (PARTITION BY feature, sign ORDER BY strength DESC, doc_id, pos) AS rank
+    FROM capped
+    QUALIFY rank <= $k
+),
+windows AS (
+    SELECT
+        h.feature, h.sign, h.rank, h.doc_id, h.pos, h.value,
+        list(r.pos ORDER BY r.pos) AS window_pos,
+        list(r.value ORDER BY r.pos) AS window_values
+    FROM hits AS h
+    JOIN doc_rows AS r
+      ON r.feature = h.feature AND r.doc_id = h.doc_id
+     AND r.pos BETWEEN h.pos - $before AND h.pos + $after
+    GROUP BY h.feature, h.sign, h.rank, h.doc_id, h.pos, h.value
+),
+final AS (
+    SELECT
+        feature, sign, rank::INTEGER AS rank, doc_id, pos::INTEGER AS pos, value::FLOAT AS value,
+        window_pos::INTEGER[] AS window_pos, window_values::FLOAT[] AS window_values
+    FROM windows
+)
+SELECT * FROM final ORDER BY feature, sign, rank

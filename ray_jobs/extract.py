@@ -1,0 +1,92 @@
+"""extract: per-token adapter activations and baseline MLP neurons -> Parquet (Ray Data actors).
+
+    python -m ray_jobs.extract --config configs/demo.yaml
+
+Ray Data reads `prepare/tokens`, cuts it into blocks of `extract.batch_docs` documents and
+streams them through a pool of `extract.actors` actors (`rank1_core.activations.Extractor`),
+each of which loads the model with `train/adapter` once and writes one file per batch into
+`extract/{activations,neurons,tokens}/`, named by the batch's documents and renamed into
+place. Actors return only a one-row summary per batch, so the driver and the object store
+never hold activations. A retried batch (an actor died) rewrites its own file names; files no
+successful batch reported are deleted at the end; then every (doc_id, pos) is checked to be
+present exactly once. A partial run with the same config resumes: finished batches are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rank1_core.config import Config
+from ray_jobs.common import ensure_ray, execute, stage_cli
+
+STAGE = "extract"
+
+
+def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
+    """Run the stage. `crash` is a test hook passed to the actors (see `Extractor`)."""
+    from rank1_core import activations as A
+    from rank1_core.models import hf_config_for
+    from rank1_core.rundir import RunDir
+
+    ec = cfg.extract
+
+    def body(sr):
+        run = RunDir(cfg.run.dir)
+        st, prep, train = sr.stage, run.stage("prepare"), run.stage("train")
+        with sr.timed("check"):
+            count = A.count_input(prep, ec.splits)
+            adapter = A.local_adapter(train)
+            hf = hf_config_for(cfg.model)
+            num_layers = int(hf.num_hidden_layers)
+            info = A.read_adapter(adapter, num_layers)
+            n_neurons = min(ec.mlp_neurons, int(hf.intermediate_size))
+            A.write_atomic(st.fs, st.path("components.parquet"), A.components_table(info), "zstd")
+            A.write_atomic(st.fs, st.path("neuron_catalogue.parquet"),
+                           A.neuron_catalogue_table(num_layers, n_neurons), "zstd")
+        tables = A.TABLES if n_neurons else ("activations", "tokens")
+
+        ray = ensure_ray(cfg)
+        with sr.timed("extract"):
+            ds = ray.data.read_parquet(prep.uri_of("tokens")).select_columns(["doc_id", "split", "input_ids"])
+            # Streaming split into blocks of batch_docs rows (no all-to-all shuffle), so
+            # every actor gets work even when prepare wrote a single file.
+            ds = ds.repartition(target_num_rows_per_block=ec.batch_docs)
+            gpu = ec.gpus_per_actor > 0
+            ds = ds.map_batches(
+                A.Extractor,
+                fn_constructor_kwargs=dict(
+                    model_dir=cfg.model, adapter_dir=None, run_uri=cfg.run.dir, stage=STAGE,
+                    mlp_neurons=n_neurons, batch_tokens=ec.batch_tokens,
+                    dtype=ec.dtype or cfg.model.dtype, device="cuda" if gpu else "cpu",
+                    torch_threads=ec.torch_threads or max(1, math.ceil(ec.cpus_per_actor)),
+                    compression=ec.compression, splits=tuple(ec.splits), crash=crash,
+                ),
+                batch_size=ec.batch_docs, batch_format="numpy", concurrency=ec.actors,
+                num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor if gpu else None,
+            )
+            summaries = list(ds.iter_rows())
+        with sr.timed("finalize"):
+            files = [str(s["file"]) for s in summaries if s["file"]]
+            dup = sorted({f for f in files if files.count(f) > 1})
+            if dup:
+                raise A.ExtractError(f"batches reported twice: {dup[:5]} (duplicate doc_ids in prepare/tokens?)")
+            deleted = A.finalize_outputs(st, files, tables)
+            counts = A.verify_exactly_once(st, count.tokens, tables)
+        secs = sr.timings.get("extract") or 1e-9
+        sr.rows.update({"docs": count.docs, "tokens": count.tokens, "files": len(files),
+                        "components": len(info.components), "neurons": num_layers * n_neurons,
+                        **{f"rows:{t}": n for t, n in counts.items()}})
+        sr.extra.update({
+            "tokens_per_s": round(count.tokens / secs, 1),
+            "batches_resumed": int(sum(bool(s["skipped"]) for s in summaries)),
+            "leftover_files_deleted": deleted,
+            "actor_pids": sorted({int(s["pid"]) for s in summaries}),
+            "actor_max_rss_mb": round(max(float(s["max_rss_mb"]) for s in summaries), 1),
+            "splits": list(ec.splits),
+        })
+
+    return execute(cfg, STAGE, body, upstream=("prepare", "train"), force=force, resumable=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_cli(STAGE, run))
