@@ -204,9 +204,155 @@ class PlanConfig:
 # docstring and __post_init__ rejects bad values with the dotted key in the message.
 
 
+# The seven adapted matrices of a decoder layer, in the order components are named
+# (`L{layer:02d}_{module}`) by every stage.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSection:
+    """The adapter of the `train` stage. Paper: r=1, alpha 16, rsLoRA, all seven matrices of
+    every layer (448 components on Qwen2.5-32B)."""
+
+    r: int = 1
+    """LoRA rank (paper: 1; each component is then one scalar per token)."""
+    alpha: float = 16.0
+    """LoRA alpha (paper: 16). Scaling is alpha/sqrt(r) with rsLoRA, alpha/r without."""
+    use_rslora: bool = True
+    """Rank-stabilised scaling alpha/sqrt(r) (paper: on)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    """Adapted matrices of each layer, a subset of q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj (paper: all seven)."""
+    layers: Optional[list[int]] = None
+    """Decoder layers to adapt (0-based). None: every layer (paper). Checked against the
+    model's layer count before any work starts."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"train.lora.r must be >= 1, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"train.lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"train.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("train.lora.target_modules must name at least one module")
+        for m in self.target_modules:
+            if m not in LORA_MODULES:
+                raise ConfigError(
+                    f"train.lora.target_modules: unknown module {m!r} (known: {', '.join(LORA_MODULES)})"
+                )
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ConfigError(f"train.lora.target_modules has duplicates: {self.target_modules!r}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("train.lora.layers must be null (every layer) or a non-empty list")
+            bad = [i for i in self.layers if i < 0]
+            if bad:
+                raise ConfigError(f"train.lora.layers: layer index {bad[0]!r} is negative")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"train.lora.layers has duplicates: {self.layers!r}")
+
+
+@dataclass
+class FullSection:
+    """What the `train_full` stage (full-parameter fine-tune) does differently; everything else
+    (data, loss, batching, precision, workers) comes from `train`."""
+
+    lr: float = 1e-5
+    """Peak learning rate of the full fine-tune (s1: 1e-5; demo on SmolLM2: 3e-5)."""
+    epochs: int = 5
+    """Passes over the training traces (paper: 5)."""
+    strategy: Optional[Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"]] = None
+    """Distribution strategy for the full fine-tune. None: train.strategy. Large models need
+    deepspeed_zero3 here even when the adapter trains with ddp."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.full.lr must be > 0, got {self.lr!r}")
+        if self.epochs < 1:
+            raise ConfigError(f"train.full.epochs must be >= 1, got {self.epochs!r}")
+
+
 @dataclass
 class TrainConfig:
-    """Ray Train fine-tuning (rank-1 LoRA and the full fine-tune baseline)."""
+    """Ray Train fine-tuning (rank-1 LoRA and the full fine-tune baseline).
+
+    Paper defaults (Qwen2.5-32B on s1K-1.1): rank-1 LoRA, alpha 16, rsLoRA, lr 1e-3,
+    5 epochs, all 7 matrices of every layer. The demo recipe on SmolLM2 (DESIGN.md): lr 1e-3,
+    2 epochs, bf16_autocast; full fine-tune lr 3e-5, 1 epoch.
+    """
+
+    lr: float = 1e-3
+    """Peak learning rate of the rank-1 LoRA (paper: 1e-3)."""
+    epochs: int = 5
+    """Passes over the training traces (paper: 5)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up, to 0 at the last step."""
+    warmup_ratio: float = 0.05
+    """Share of optimizer steps with a linear warm-up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0: off)."""
+    batch_tokens: int = 4096
+    """Token budget of one micro-batch per worker, padding included: traces are grouped so
+    that (traces x longest trace) stays within it; a longer trace goes alone."""
+    grad_accum: int = 1
+    """Micro-batches per worker per optimizer step."""
+    precision: Literal["float32", "bf16_autocast", "bf16"] = "float32"
+    """float32; bf16_autocast (fp32 weights, bf16 matmuls: 1.6x faster on CPU, used by the
+    demo); bf16 (bf16 base weights; the adapter stays fp32; with DeepSpeed its bf16 mode)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    strategy: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"] = "ddp"
+    """ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO-2/3 (also runs on CPU)."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON. None: configs/deepspeed_zero2.json or _zero3.json of rank1. Values
+    "auto" are filled from this section (batch, accumulation, clipping, bf16)."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: int = 2
+    """CPUs per worker (also torch's thread count on CPU)."""
+    gpus_per_worker: int = 0
+    """GPUs per worker (0: CPU training with gloo)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between Ray Train checkpoints (0: at the end of every epoch)."""
+    keep_checkpoints: int = 2
+    """Ray Train checkpoints kept (the newest)."""
+    max_failures: int = 2
+    """Worker failures a run recovers from (from its last checkpoint); -1: unlimited."""
+    eval_every: int = 0
+    """Optimizer steps between held-out losses (0: at the start and the end of every epoch)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). For smoke runs/benchmarks."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """The rank-1 adapter (stage `train`)."""
+    full: FullSection = field(default_factory=FullSection)
+    """The full fine-tune baseline (stage `train_full`)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
+        for name in ("epochs", "grad_accum", "num_workers", "cpus_per_worker", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("gpus_per_worker", "checkpoint_every", "eval_every", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.batch_tokens < 8:
+            raise ConfigError(f"train.batch_tokens must be >= 8, got {self.batch_tokens!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures must be >= -1, got {self.max_failures!r}")
 
 
 @dataclass
