@@ -1,0 +1,730 @@
+"""The autointerp work: explain -> (categories, score) -> categorize, and the tables.
+
+    routing = hosted_routing(cfg.autointerp)           # or, without keys, local_routing(...)
+    result = run_autointerp(cfg, stage, topk_stage, routing, runner)
+
+``runner(requests, on_result) -> results`` executes LLM requests: an in-process
+:class:`~rank1_core.autointerp.worker.AsyncRunner` or the Ray actors of
+``ray_jobs/autointerp.py``. Prompts are deterministic (seeded sampling, sorted inputs), so a
+rerun or a resumed crashed run rebuilds the same requests and the cache answers every one it
+has already paid for.
+
+Reads ``topk/contexts.parquet`` and ``topk/stats.parquet``; writes into the stage folder:
+
+- ``explanations.parquet``: source, feature, sign, explanation, classification (0/1/2 or
+  null), classification_reasoning, category, category_group, score (detection balanced
+  accuracy), score_accuracy, score_n, n_contexts, model, error;
+- ``categories.json``: generated categories per category group (B.2 schema);
+- ``calls.parquet``: one row per request (all attempts of the stage, resumed ones included);
+- ``classification_shares.parquet``, ``category_shares.parquet`` (Figure 2; Figure 3's
+  activation densities), ``score_summary.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rank1_core.autointerp import prompts as P
+from rank1_core.autointerp.clients import Endpoint, LLMRequest, Secret
+from rank1_core.autointerp.pricing import Price
+from rank1_core.autointerp.worker import BUDGET, CallResult
+from rank1_core.config import AutointerpConfig, Config, ConfigError
+from rank1_core.rundir import StageDir
+
+TASKS = ("explain", "categories", "categorize", "score")
+CONTEXT_COLUMNS = ("source", "feature", "sign", "rank", "doc_id", "pos", "value", "context_tokens",
+                   "context_values", "hit_index")
+STATS_COLUMNS = ("source", "feature", "n_tokens", "mean", "std", "min", "max", "frac_active")
+
+Runner = Callable[[list[LLMRequest], Callable[[CallResult], Any]], list[CallResult]]
+
+
+class InputError(ValueError):
+    """The top-k tables are missing or malformed; the message names the file and column."""
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@dataclass
+class Routing:
+    """Which endpoint answers each task, with the limits and prices of every endpoint."""
+
+    endpoints: dict[str, Endpoint]
+    task_model: dict[str, str]
+    max_tokens: dict[str, int]
+    limits: dict[str, tuple[float, float | None]]
+    prices: dict[str, Price]
+    local: bool = False
+    schema_limits: dict[str, bool] = field(default_factory=dict)
+    described: str = ""
+
+    def secrets(self, env: dict | None = None) -> dict[str, Secret | None]:
+        env = os.environ if env is None else env
+        return {n: (Secret(env[e.api_key_env]) if e.api_key_env and env.get(e.api_key_env) else None)
+                for n, e in self.endpoints.items()}
+
+
+def reachable(m, env=None) -> bool:
+    """A model can be called: its API key is in the environment, or it has its own server."""
+    env = os.environ if env is None else env
+    return bool(m.base_url) or bool(m.api_key_env and env.get(m.api_key_env))
+
+
+def resolve_use_local(a: AutointerpConfig, env=None) -> bool:
+    """autointerp.use_local_server, with None decided from the environment."""
+    if a.use_local_server is not None:
+        return a.use_local_server
+    used = {getattr(a.tasks, t).model for t in TASKS}
+    ok = {n: reachable(a.model(n), env) for n in sorted(used)}
+    if all(ok.values()):
+        return False
+    if not any(ok.values()):
+        return True
+    missing = [f"{n} (set ${a.model(n).api_key_env})" for n, v in ok.items() if not v]
+    raise ConfigError(
+        "autointerp: some task models have an API key or base_url and some do not: "
+        f"missing {', '.join(missing)}. Set the keys, give those models a base_url, or set "
+        "autointerp.use_local_server=true to answer every task with the local vLLM server")
+
+
+def hosted_routing(a: AutointerpConfig) -> Routing:
+    eps, limits, prices, lims = {}, {}, {}, {}
+    for m in a.models:
+        eps[m.name] = Endpoint(name=m.name, provider=m.provider, model=m.model or m.name, base_url=m.base_url,
+                               api_key_env=m.api_key_env, structured=m.structured, temperature=m.temperature,
+                               extra_output_tokens=m.extra_output_tokens, params=dict(m.params),
+                               timeout_s=m.timeout_s)
+        limits[m.name] = (m.rpm, m.tpm)
+        prices[m.name] = Price(m.input_usd_per_mtok, m.output_usd_per_mtok)
+        lims[m.name] = m.schema_limits
+    task_model = {t: getattr(a.tasks, t).model for t in TASKS}
+    used = sorted(set(task_model.values()))
+    described = ", ".join(f"{t}: {task_model[t]} ({eps[task_model[t]].provider}"
+                          + (f" at {eps[task_model[t]].base_url}" if eps[task_model[t]].base_url else "") + ")"
+                          for t in TASKS)
+    return Routing({n: eps[n] for n in used}, task_model, {t: getattr(a.tasks, t).max_tokens for t in TASKS},
+                   {n: limits[n] for n in used}, {n: prices[n] for n in used}, False,
+                   {n: lims[n] for n in used}, described)
+
+
+def local_model_name(cfg: Config) -> str:
+    name = cfg.autointerp.local_server.model or cfg.model.name
+    return Path(name).name if os.sep in name else name
+
+
+def local_routing(cfg: Config, base_url: str) -> Routing:
+    ls = cfg.autointerp.local_server
+    name = local_model_name(cfg)
+    ep = Endpoint(name=name, provider="openai", model=name, base_url=base_url, api_key_env=None, structured=True,
+                  temperature=ls.temperature, timeout_s=600.0)
+    return Routing({name: ep}, {t: name for t in TASKS},
+                   {t: min(getattr(cfg.autointerp.tasks, t).max_tokens, ls.max_tokens) for t in TASKS},
+                   {name: (ls.rpm, None)}, {name: Price()}, True, {name: True},
+                   f"{name} (local vLLM server on 127.0.0.1, {ls.dtype}, structured output) for every task")
+
+
+@contextmanager
+def answerers(cfg: Config, stage: StageDir, use_local: bool, log=print) -> Iterator[Routing]:
+    """The routing of a run; with ``use_local`` a vLLM server is started for its duration."""
+    if not use_local:
+        yield hosted_routing(cfg.autointerp)
+        return
+    from rank1_core.autointerp.server import LocalServer
+    from rank1_core.config import ModelConfig
+    from rank1_core.models import resolve_model_dir
+
+    ls = cfg.autointerp.local_server
+    mcfg = cfg.model if ls.model is None else ModelConfig(name=ls.model, tiny=cfg.model.tiny)
+    model_dir = resolve_model_dir(mcfg)
+    log_path = stage.local_path("vllm_server.log") if stage.is_local else Path(f"/tmp/rank1-vllm-{os.getpid()}.log")
+    so = json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})
+    server = LocalServer(model_dir, local_model_name(cfg), log_path=log_path, dtype=ls.dtype,
+                         max_model_len=ls.max_model_len, kv_cache_bytes=int(ls.kv_cache_gb * (1 << 30)),
+                         max_num_seqs=ls.max_num_seqs, startup_timeout_s=ls.startup_timeout_s,
+                         extra_args=["--structured-outputs-config", so, *ls.extra_args])
+    log(f"[autointerp] no API keys: starting a local vLLM server for {local_model_name(cfg)} ({ls.dtype})")
+    t0 = time.perf_counter()
+    with server:
+        log(f"[autointerp] local server ready at {server.base_url} in {time.perf_counter() - t0:.0f}s")
+        yield local_routing(cfg, server.base_url)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _read(stage: StageDir, name: str, columns: tuple[str, ...], filters=None) -> pa.Table:
+    path = stage.path(name)
+    if not stage.exists(name):
+        raise InputError(f"{stage.uri_of(name)} does not exist: the topk stage must write it")
+    try:
+        schema = pq.read_schema(path, filesystem=stage.fs) if stage.fs.get_file_info(path).type == pafs.FileType.File \
+            else pq.ParquetDataset(path, filesystem=stage.fs).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{stage.uri_of(name)} is not readable Parquet: {e}") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise InputError(f"{stage.uri_of(name)} lacks column(s) {missing} (has {schema.names})")
+    return pq.read_table(path, filesystem=stage.fs, columns=list(columns), filters=filters)
+
+
+def select_features(stats: pa.Table, a: AutointerpConfig, available: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """(source, feature, sign) to interpret: per source and sign, the features with contexts,
+    capped by ``max_features`` keeping the largest activation of that sign."""
+    rows = stats.to_pylist()
+    out = []
+    for source in a.sources:
+        for sign in a.signs:
+            cand = [r for r in rows if r["source"] == source and (source, r["feature"], sign) in available]
+            key = (lambda r: -(r["max"] or 0.0)) if sign == "pos" else (lambda r: (r["min"] or 0.0))
+            cand.sort(key=lambda r: (key(r), r["feature"]))
+            cap = a.max_features.get(source, 0)
+            if cap:
+                cand = cand[:cap]
+            out.extend((source, r["feature"], sign) for r in sorted(cand, key=lambda r: r["feature"]))
+    return out
+
+
+def load_features(topk: StageDir, a: AutointerpConfig) -> tuple[list[P.FeatureExamples], pa.Table, dict]:
+    """Selected features with their contexts (rank order), the stats table and counts."""
+    stats = _read(topk, "stats.parquet", STATS_COLUMNS, filters=[("source", "in", list(a.sources))])
+    max_rank = a.explain_contexts + a.score_positives
+    ctx = _read(topk, "contexts.parquet", CONTEXT_COLUMNS,
+                filters=[("source", "in", list(a.sources)), ("sign", "in", list(a.signs)), ("rank", "<=", max_rank)])
+    keys = set(zip(ctx.column("source").to_pylist(), ctx.column("feature").to_pylist(), ctx.column("sign").to_pylist()))
+    chosen = select_features(stats, a, keys)
+    wanted = set(chosen)
+    by_key: dict[tuple, P.FeatureExamples] = {k: P.FeatureExamples(*k) for k in chosen}
+    pools: dict[str, list[P.Context]] = {}
+    for i, r in enumerate(ctx.to_pylist()):
+        toks, vals = r["context_tokens"], r["context_values"]
+        if toks is None or vals is None or len(toks) != len(vals):
+            raise InputError(f"{topk.uri_of('contexts.parquet')}: row {i} ({r['source']}/{r['feature']} rank "
+                             f"{r['rank']}): context_tokens and context_values differ in length")
+        c = P.Context(int(r["rank"]), int(r["doc_id"]), int(r["pos"]), float(r["value"]), list(toks),
+                      [float(v) for v in vals], int(r["hit_index"]))
+        k = (r["source"], r["feature"], r["sign"])
+        if k in wanted:
+            by_key[k].contexts.append(c)
+        pools.setdefault(r["source"], []).append((r["feature"], c))
+    for fx in by_key.values():
+        fx.contexts.sort(key=lambda c: c.rank)
+    counts = {"features_available": len({(s, f) for s, f, _ in keys}), "features_selected": len(chosen)}
+    return [by_key[k] for k in chosen], stats, {"counts": counts, "pools": pools}
+
+
+# --------------------------------------------------------------------------- the call log
+
+
+class CallLog:
+    """Call rows flushed to ``calls/part-*.parquet`` as they land (a crash loses at most a few
+    seconds of log); ``finish`` merges every attempt's parts into ``calls.parquet``."""
+
+    def __init__(self, stage: StageDir, flush_rows: int = 64, flush_s: float = 5.0) -> None:
+        self.stage = stage
+        self.attempt = f"{int(time.time() * 1000)}"
+        self.rows: list[dict] = []
+        self.parts = 0
+        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.last = time.monotonic()
+        self.this_run: list[dict] = []
+
+    @staticmethod
+    def _split_tag(tag: str) -> dict:
+        parts = tag.split("/")
+        if len(parts) == 3:
+            return {"source": parts[0], "feature": parts[1], "sign": parts[2], "group": None}
+        return {"source": None, "feature": None, "sign": None, "group": parts[1] if len(parts) == 2 else tag}
+
+    def add(self, r: CallResult) -> None:
+        row = {**r.row(), **self._split_tag(r.tag), "attempt_run": self.attempt}
+        self.rows.append(row)
+        self.this_run.append(row)
+        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last > self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.rows:
+            return
+        path = self.stage.path("calls", f"part-{self.attempt}-{self.parts:05d}.parquet")
+        self.stage.fs.create_dir(self.stage.path("calls"), recursive=True)
+        pq.write_table(_calls_table(self.rows), path, filesystem=self.stage.fs)
+        self.parts += 1
+        self.rows = []
+
+    def previous(self) -> pa.Table | None:
+        """Rows of earlier (crashed) attempts of this stage."""
+        if not self.stage.exists("calls"):
+            return None
+        sel = pafs.FileSelector(self.stage.path("calls"), allow_not_found=True)
+        files = sorted(i.path for i in self.stage.fs.get_file_info(sel)
+                       if i.base_name.endswith(".parquet") and f"part-{self.attempt}-" not in i.base_name)
+        if not files:
+            return None
+        return pa.concat_tables([pq.read_table(f, filesystem=self.stage.fs) for f in files])
+
+    def spent_before(self) -> float:
+        t = self.previous()
+        if t is None:
+            return 0.0
+        return float(pc.sum(t.column("cost_usd")).as_py() or 0.0)
+
+    def finish(self) -> pa.Table:
+        self.flush()
+        prev = self.previous()
+        mine = _calls_table(self.this_run)
+        table = pa.concat_tables([prev, mine]) if prev is not None else mine
+        table = table.sort_by([("time", "ascending")])
+        pq.write_table(table, self.stage.path("calls.parquet"), filesystem=self.stage.fs)
+        return table
+
+
+CALLS_SCHEMA = pa.schema([
+    ("time", pa.timestamp("ms", tz="UTC")), ("attempt_run", pa.string()), ("task", pa.string()),
+    ("model", pa.string()), ("source", pa.string()), ("feature", pa.string()), ("sign", pa.string()),
+    ("group", pa.string()), ("tag", pa.string()), ("cached", pa.bool_()), ("status", pa.string()),
+    ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
+    ("latency_s", pa.float64()), ("attempts", pa.int32()), ("retries", pa.int32()),
+    ("retry_errors", pa.string()), ("error", pa.string()), ("key", pa.string()),
+])
+
+
+def previous_spend(stage: StageDir) -> float:
+    """Dollars spent by earlier, unfinished attempts of this stage (they count against the budget)."""
+    return CallLog(stage).spent_before()
+
+
+def _calls_table(rows: list[dict]) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in CALLS_SCHEMA}
+    cols["time"] = [int(t * 1000) for t in cols["time"]]
+    return pa.table(cols, schema=CALLS_SCHEMA)
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    h = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "little"))
+
+
+@dataclass
+class FeatureRow:
+    source: str
+    feature: str
+    sign: str
+    explanation: str | None = None
+    classification: int | None = None
+    classification_reasoning: str | None = None
+    category: str | None = None
+    category_group: str | None = None
+    score: float | None = None
+    score_accuracy: float | None = None
+    score_n: int | None = None
+    n_contexts: int = 0
+    model: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def fail(self, task: str, message: str) -> None:
+        self.errors.append(f"{task}: {message}")
+
+
+@dataclass
+class AutointerpResult:
+    rows: dict[str, int]
+    extra: dict
+
+
+def _held_out(fx: P.FeatureExamples, a: AutointerpConfig) -> tuple[int, list[P.Context]]:
+    """(contexts for the explanation, held-out activating contexts for scoring): the
+    explanation takes up to explain_contexts but always leaves score_positives aside."""
+    n = len(fx.contexts)
+    n_explain = max(1, min(a.explain_contexts, n - a.score_positives)) if a.score_positives else min(a.explain_contexts, n)
+    return n_explain, fx.contexts[n_explain:n_explain + a.score_positives]
+
+
+def _negatives(fx: P.FeatureExamples, pool: list[tuple[str, P.Context]], k: int, seed: int) -> list[P.Context]:
+    """``k`` contexts of other features of the same source that overlap none of this
+    feature's contexts (same document, token windows intersecting) nor each other."""
+    if k <= 0 or not pool:
+        return []
+    mine = {}
+    for c in fx.contexts:
+        mine.setdefault(c.doc_id, []).append((c.pos - c.hit_index, c.pos - c.hit_index + len(c.tokens)))
+
+    def overlaps(c: P.Context, spans) -> bool:
+        lo, hi = c.pos - c.hit_index, c.pos - c.hit_index + len(c.tokens)
+        return any(lo < h and l < hi for l, h in spans.get(c.doc_id, ()))
+
+    rng = _rng(seed, "negatives", fx.tag)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    out: list[P.Context] = []
+    taken: dict[int, list[tuple[int, int]]] = {}
+    for i in order:
+        feat, c = pool[i]
+        if feat == fx.feature or overlaps(c, mine) or overlaps(c, taken):
+            continue
+        out.append(c)
+        taken.setdefault(c.doc_id, []).append((c.pos - c.hit_index, c.pos - c.hit_index + len(c.tokens)))
+        if len(out) == k:
+            break
+    return out
+
+
+def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routing, runner: Runner,
+                   log=print) -> AutointerpResult:
+    a = cfg.autointerp
+    seed = cfg.run.seed
+    t_start = time.perf_counter()
+    features, stats, info = load_features(topk, a)
+    log(f"[autointerp] {len(features)} features selected of {info['counts']['features_available']} "
+        f"({', '.join(f'{s}: {sum(1 for f in features if f.source == s)}' for s in a.sources)})")
+    calls = CallLog(stage)
+    state = {"stopped": None}
+    rows = {fx.tag: FeatureRow(fx.source, fx.feature, fx.sign) for fx in features}
+    fx_by_tag = {fx.tag: fx for fx in features}
+
+    def request(task: str, prompt: str, schema: dict | None, tag: str) -> LLMRequest:
+        model = routing.task_model[task]
+        return LLMRequest(task=task, model=model, prompt=prompt, max_tokens=routing.max_tokens[task],
+                          schema=schema, tag=tag)
+
+    def execute(reqs: list[LLMRequest]) -> list[CallResult]:
+        if state["stopped"]:
+            return [CallResult(tag=r.tag, task=r.task, model=r.model, status=BUDGET, error=state["stopped"])
+                    for r in reqs]
+        results = runner(reqs, calls.add)
+        calls.flush()
+        for r in results:
+            if r.status == BUDGET and not state["stopped"]:
+                state["stopped"] = r.error or "budget cap reached"
+                log(f"[autointerp] stopping: {state['stopped']}")
+        return results
+
+    limits_of = routing.schema_limits
+
+    # ---- 1. explanations (B.1)
+    reqs, used = [], {}
+    for fx in features:
+        n_explain, _ = _held_out(fx, a)
+        prompt, n = P.explain_prompt(fx, n_explain, a.listed_tokens, a.max_prompt_tokens)
+        used[fx.tag] = n
+        reqs.append(request("explain", prompt, P.explain_schema(limits_of[routing.task_model["explain"]]), fx.tag))
+    with _timed(info, "explain"):
+        results = execute(reqs)
+    for res in results:
+        row = rows[res.tag]
+        row.n_contexts = used[res.tag]
+        row.model = res.model
+        if res.text is None:
+            row.fail("explain", res.error or res.status)
+            continue
+        try:
+            e = P.parse_explanation(res.text)
+        except P.ParseError as err:
+            row.fail("explain", f"unparsable answer: {err}")
+            continue
+        row.explanation, row.classification, row.classification_reasoning = e.explanation, e.classification, e.reasoning
+        if e.note:
+            row.fail("explain", e.note)
+    explained = [rows[fx.tag] for fx in features if rows[fx.tag].explanation]
+    log(f"[autointerp] explained {len(explained)}/{len(features)}")
+
+    # ---- 2. category generation per group (B.2) and detection scoring, in one batch
+    group_of = {s: g for g, srcs in a.category_groups.items() for s in srcs}
+    groups: dict[str, dict] = {}
+    batch: list[LLMRequest] = []
+    for g, srcs in a.category_groups.items():
+        srcs = [s for s in srcs if s in a.sources]
+        if not srcs:
+            continue
+        shown = _category_sample(explained, srcs, a.category_max_features, seed, g)
+        prompt, shown = _fit_categories(shown, a.max_prompt_tokens)
+        groups[g] = {"sources": srcs, "model": routing.task_model["categories"], "n_features_shown": len(shown),
+                     "categories": [], "summary": "", "error": None}
+        if not shown:
+            groups[g]["error"] = "no explained features in this group"
+            continue
+        batch.append(request("categories", prompt, P.categories_schema(limits_of[routing.task_model["categories"]]),
+                             f"group/{g}"))
+    truth: dict[str, list[int]] = {}
+    if a.score_positives and a.score_negatives:
+        for row in explained:
+            fx = fx_by_tag[f"{row.source}/{row.feature}/{row.sign}"]
+            _, pos = _held_out(fx, a)
+            neg = _negatives(fx, info["pools"].get(fx.source, []), a.score_negatives, seed)
+            if not pos or not neg:
+                row.fail("score", f"not scored: {len(pos)} held-out activating and {len(neg)} non-activating "
+                                  "contexts available")
+                continue
+            items = [(c, 1) for c in pos] + [(c, 0) for c in neg]
+            _rng(seed, "score-order", fx.tag).shuffle(items)
+            truth[fx.tag] = [t for _, t in items]
+            batch.append(request("score", P.score_prompt(row.explanation, ["".join(c.tokens) for c, _ in items]),
+                                 P.score_schema(len(items), limits_of[routing.task_model["score"]]), fx.tag))
+    with _timed(info, "categories+score"):
+        results = execute(batch)
+    for res in results:
+        if res.task == "categories":
+            g = res.tag.split("/", 1)[1]
+            if res.text is None:
+                groups[g]["error"] = res.error or res.status
+                continue
+            try:
+                cats, summary = P.parse_categories(res.text)
+            except P.ParseError as err:
+                groups[g]["error"] = f"unparsable answer: {err}"
+                continue
+            groups[g]["categories"] = [c.__dict__ for c in cats]
+            groups[g]["summary"] = summary
+        else:
+            row = rows[res.tag]
+            if res.text is None:
+                row.fail("score", res.error or res.status)
+                continue
+            try:
+                labels = P.parse_labels(res.text, len(truth[res.tag]))
+            except P.ParseError as err:
+                row.fail("score", f"unparsable answer: {err}")
+                continue
+            row.score_accuracy, row.score = P.detection_scores(labels, truth[res.tag])
+            row.score_n = len(labels)
+    for g, info_g in groups.items():
+        if info_g["error"]:
+            log(f"[autointerp] categories for group {g!r}: {info_g['error']}")
+
+    # ---- 3. one category per feature (B.2)
+    reqs = []
+    for row in explained:
+        g = group_of.get(row.source)
+        if g is None or g not in groups:
+            continue
+        row.category_group = g
+        cats = [P.Category(**c) for c in groups[g]["categories"]]
+        if not cats:
+            row.fail("categorize", f"no categories for group {g!r}")
+            continue
+        fx = fx_by_tag[f"{row.source}/{row.feature}/{row.sign}"]
+        prompt = P.categorize_prompt(row.explanation, fx, cats, a.categorize_contexts, a.listed_tokens)
+        reqs.append(request("categorize", prompt, P.categorize_schema([c.string_id for c in cats]), fx.tag))
+    with _timed(info, "categorize"):
+        results = execute(reqs)
+    for res in results:
+        row = rows[res.tag]
+        if res.text is None:
+            row.fail("categorize", res.error or res.status)
+            continue
+        ids = [c["string_id"] for c in groups[row.category_group]["categories"]]
+        try:
+            row.category = P.parse_category_choice(res.text, ids)
+        except P.ParseError as err:
+            row.fail("categorize", f"unparsable answer: {err}")
+
+    # ---- outputs
+    table = _explanations_table([rows[fx.tag] for fx in features])
+    pq.write_table(table, stage.path("explanations.parquet"), filesystem=stage.fs)
+    stage.write_json("categories.json", {"groups": groups})
+    call_table = calls.finish()
+    shares = classification_shares(table)
+    cat_shares = category_shares(table, stats, groups)
+    scores = score_summary(table)
+    pq.write_table(shares, stage.path("classification_shares.parquet"), filesystem=stage.fs)
+    pq.write_table(cat_shares, stage.path("category_shares.parquet"), filesystem=stage.fs)
+    pq.write_table(scores, stage.path("score_summary.parquet"), filesystem=stage.fs)
+
+    mine = calls.this_run
+    extra = {
+        "explanations_by": routing.described,
+        "local_server": routing.local,
+        "models": dict(routing.task_model),
+        "spend_usd": round(sum(r["cost_usd"] for r in mine), 6),
+        "spend_total_usd": round(float(pc.sum(call_table.column("cost_usd")).as_py() or 0.0), 6),
+        "budget_usd": a.budget_usd,
+        "budget_stopped": state["stopped"],
+        "calls": _count(r["status"] for r in mine),
+        "calls_all_attempts": call_table.num_rows,
+        "tokens_in": sum(r["tokens_in"] for r in mine if not r["cached"]),
+        "tokens_out": sum(r["tokens_out"] for r in mine if not r["cached"]),
+        "features": {
+            **info["counts"],
+            "explained": len(explained),
+            "classified": sum(1 for r in rows.values() if r.classification is not None),
+            "categorized": sum(1 for r in rows.values() if r.category),
+            "scored": sum(1 for r in rows.values() if r.score is not None),
+            "with_errors": sum(1 for r in rows.values() if r.errors),
+        },
+        "classification_shares": {s: {str(c): round(v, 4) for c, v in d.items()} for s, d in _shares_dict(shares).items()},
+        "mean_detection_score": {r["source"]: r["mean_score"] for r in scores.to_pylist()},
+        "categories": {g: [c["string_id"] for c in v["categories"]] for g, v in groups.items()},
+        "timings": {k: round(v, 2) for k, v in info.get("timings", {}).items()},
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    return AutointerpResult(rows={"explanations": table.num_rows, "calls": len(mine),
+                                  "categories": sum(len(v["categories"]) for v in groups.values())}, extra=extra)
+
+
+@contextmanager
+def _timed(info: dict, name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        info.setdefault("timings", {})[name] = time.perf_counter() - t0
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _category_sample(explained: list[FeatureRow], srcs: list[str], cap: int, seed: int, group: str) -> list[str]:
+    """Equal numbers of distinct explanations per source (paper: as many MLP neurons as LoRA
+    directions), at most ``cap`` in all, in a seeded random order."""
+    per_src = {s: sorted({r.explanation for r in explained if r.source == s and r.explanation}) for s in srcs}
+    present = [s for s in srcs if per_src[s]]
+    if not present:
+        return []
+    n = min(min(len(v) for v in per_src.values() if v), max(1, cap // len(present)))
+    rng = _rng(seed, "categories", group)
+    shown: list[str] = []
+    for s in present:
+        shown.extend(rng.sample(per_src[s], n))
+    shown = list(dict.fromkeys(shown))
+    rng.shuffle(shown)
+    return shown
+
+
+def _fit_categories(shown: list[str], max_prompt_tokens: int) -> tuple[str, list[str]]:
+    from rank1_core.autointerp.clients import estimate_tokens
+
+    while True:
+        prompt = P.categories_prompt(shown)
+        if len(shown) <= 1 or estimate_tokens(prompt) <= max_prompt_tokens:
+            return prompt, shown
+        shown = shown[: max(1, int(len(shown) * max_prompt_tokens / estimate_tokens(prompt)) - 1)]
+
+
+EXPLANATIONS_SCHEMA = pa.schema([
+    ("source", pa.string()), ("feature", pa.string()), ("sign", pa.string()), ("explanation", pa.string()),
+    ("classification", pa.int8()), ("classification_reasoning", pa.string()), ("category", pa.string()),
+    ("category_group", pa.string()), ("score", pa.float64()), ("score_accuracy", pa.float64()),
+    ("score_n", pa.int32()), ("n_contexts", pa.int32()), ("model", pa.string()), ("error", pa.string()),
+])
+
+
+def _explanations_table(rows: list[FeatureRow]) -> pa.Table:
+    data = {f.name: [] for f in EXPLANATIONS_SCHEMA}
+    for r in rows:
+        for f in EXPLANATIONS_SCHEMA:
+            data[f.name].append("; ".join(r.errors) or None if f.name == "error" else getattr(r, f.name))
+    return pa.table(data, schema=EXPLANATIONS_SCHEMA)
+
+
+def classification_shares(table: pa.Table) -> pa.Table:
+    """Figure 2 (left): per source, the share of classified features in each class."""
+    out = {"source": [], "classification": [], "n_features": [], "share": []}
+    rows = table.to_pylist()
+    for src in sorted({r["source"] for r in rows}):
+        cls = [r["classification"] for r in rows if r["source"] == src and r["classification"] is not None]
+        for c in (0, 1, 2):
+            n = sum(1 for x in cls if x == c)
+            out["source"].append(src)
+            out["classification"].append(c)
+            out["n_features"].append(n)
+            out["share"].append(n / len(cls) if cls else None)
+    return pa.table(out, schema=pa.schema([("source", pa.string()), ("classification", pa.int8()),
+                                           ("n_features", pa.int64()), ("share", pa.float64())]))
+
+
+def _shares_dict(shares: pa.Table) -> dict:
+    d: dict[str, dict] = {}
+    for r in shares.to_pylist():
+        if r["share"] is not None:
+            d.setdefault(r["source"], {})[r["classification"]] = r["share"]
+    return d
+
+
+def category_shares(table: pa.Table, stats: pa.Table, groups: dict) -> pa.Table:
+    """Figure 2 (right) and Figure 3: per source and category, the share of features and the
+    category's activation density: the sum over its features of the feature's activation
+    mass on the sampled tokens (mean in the feature's sign, floored at 0, times n_tokens),
+    normalised over the source's categorized features. ``firing_density`` does the same with
+    frac_active * n_tokens (how often rather than how strongly)."""
+    st = {(r["source"], r["feature"]): r for r in stats.to_pylist()}
+    names = {(g, c["string_id"]): c["name"] for g, v in groups.items() for c in v["categories"]}
+    acc: dict[tuple, dict] = {}
+    for r in table.to_pylist():
+        if not r["category"]:
+            continue
+        s = st.get((r["source"], r["feature"]), {})
+        mean, n_tok, frac = s.get("mean") or 0.0, s.get("n_tokens") or 0, s.get("frac_active") or 0.0
+        mass = max(0.0, -mean if r["sign"] == "neg" else mean) * n_tok
+        k = (r["source"], r["category_group"], r["category"])
+        e = acc.setdefault(k, {"n": 0, "mass": 0.0, "fire": 0.0})
+        e["n"] += 1
+        e["mass"] += mass
+        e["fire"] += frac * n_tok
+    out = {k: [] for k in ("source", "category_group", "category", "category_name", "n_features", "feature_share",
+                           "activation_density", "firing_density")}
+    for src in sorted({k[0] for k in acc}):
+        keys = sorted(k for k in acc if k[0] == src)
+        n_all = sum(acc[k]["n"] for k in keys)
+        m_all = sum(acc[k]["mass"] for k in keys)
+        f_all = sum(acc[k]["fire"] for k in keys)
+        for k in keys:
+            e = acc[k]
+            out["source"].append(src)
+            out["category_group"].append(k[1])
+            out["category"].append(k[2])
+            out["category_name"].append(names.get((k[1], k[2]), k[2]))
+            out["n_features"].append(e["n"])
+            out["feature_share"].append(e["n"] / n_all)
+            out["activation_density"].append(e["mass"] / m_all if m_all > 0 else None)
+            out["firing_density"].append(e["fire"] / f_all if f_all > 0 else None)
+    return pa.table(out, schema=pa.schema([
+        ("source", pa.string()), ("category_group", pa.string()), ("category", pa.string()),
+        ("category_name", pa.string()), ("n_features", pa.int64()), ("feature_share", pa.float64()),
+        ("activation_density", pa.float64()), ("firing_density", pa.float64())]))
+
+
+def score_summary(table: pa.Table) -> pa.Table:
+    """Per source: features scored and their mean detection accuracy / balanced accuracy."""
+    rows = table.to_pylist()
+    out = {"source": [], "n_features": [], "n_scored": [], "mean_score": [], "mean_accuracy": []}
+    for src in sorted({r["source"] for r in rows}):
+        mine = [r for r in rows if r["source"] == src]
+        scored = [r for r in mine if r["score"] is not None]
+        out["source"].append(src)
+        out["n_features"].append(len(mine))
+        out["n_scored"].append(len(scored))
+        out["mean_score"].append(round(sum(r["score"] for r in scored) / len(scored), 4) if scored else None)
+        out["mean_accuracy"].append(round(sum(r["score_accuracy"] for r in scored) / len(scored), 4) if scored else None)
+    return pa.table(out, schema=pa.schema([("source", pa.string()), ("n_features", pa.int64()),
+                                           ("n_scored", pa.int64()), ("mean_score", pa.float64()),
+                                           ("mean_accuracy", pa.float64())]))
+
+
+def default_cache_dir(a: AutointerpConfig) -> str:
+    if a.cache_dir:
+        return a.cache_dir
+    from rank1_core.models import cache_dir
+
+    return str(cache_dir() / "llm")
+
