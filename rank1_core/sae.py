@@ -320,14 +320,35 @@ class ForwardOutput(NamedTuple):
     """AuxK loss (0 when no latent is dead)."""
     fvu: torch.Tensor
     """Fraction of the batch's variance (around its mean) left unexplained."""
+    indices: torch.Tensor
+    """Flat indices (token * d_sae + latent) of the k x B kept activations."""
+    values: torch.Tensor
+    """Their values (some may be 0 when fewer than k x B pre-activations are positive)."""
+
+
+def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices and values of the k x B largest entries of a [B, S] batch.
+
+    Fast path: the 4k largest of every row are the candidates; when no row had all of its
+    candidates chosen, nothing outside them can belong to the batch's top k x B, so the
+    result is exact (up to ties); otherwise fall back to one top-k over the whole batch."""
+    B, S = pre.shape
+    n = min(k * B, pre.numel())
+    m = min(S, 4 * k)
+    if m < S:
+        v, i = pre.topk(m, dim=1, sorted=False)
+        top = v.flatten().topk(n, sorted=False)
+        row = torch.div(top.indices, m, rounding_mode="floor")
+        if int(torch.bincount(row, minlength=B).max()) < m:
+            return row * S + i.flatten()[top.indices], top.values
+    top = pre.flatten().topk(n, sorted=False)
+    return top.indices, top.values
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k x B largest entries of a [B, S] batch, zero the rest (Bussmann et al.)."""
-    flat = pre.flatten()
-    n = min(k * pre.shape[0], flat.numel())
-    top = flat.topk(n, sorted=False)
-    return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+    idx, vals = batch_topk_indices(pre, k)
+    return torch.zeros_like(pre).flatten().scatter_(0, idx, vals).view_as(pre)
 
 
 class BatchTopKSAE(nn.Module):
@@ -414,7 +435,8 @@ class BatchTopKSAE(nn.Module):
                       aux_k: int = 0, aux_coef: float = 0.0) -> ForwardOutput:
         """One BatchTopK forward on a normalised batch, with the AuxK loss over `dead` latents."""
         pre = self.pre_acts(x_n)
-        acts = batch_topk(pre, self.k)
+        idx, vals = batch_topk_indices(pre, self.k)
+        acts = torch.zeros_like(pre).flatten().scatter_(0, idx, vals).view_as(pre)
         recon = self.decode_n(acts)
         err = recon - x_n
         mse = err.pow(2).mean()
@@ -429,7 +451,7 @@ class BatchTopKSAE(nn.Module):
             z = torch.zeros_like(pre_dead).scatter(1, top.indices, top.values)
             e_hat = z @ self.W_dec[dead]
             aux = (e_hat - resid).pow(2).sum() / resid.pow(2).sum().clamp_min(1e-12)
-        return ForwardOutput(recon, acts, mse + aux_coef * aux, mse, aux, fvu)
+        return ForwardOutput(recon, acts, mse + aux_coef * aux, mse, aux, fvu, idx, vals)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
@@ -547,12 +569,14 @@ class SAETrainer:
         sae.renorm_decoder()
 
         with torch.no_grad():
-            acts = out.acts
-            fired = (acts > 0).any(0)
-            pos = acts[acts > 0]
+            # firing record, smallest kept activation and L0 from the k x B kept entries only
+            on = out.values > 0
+            fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=self.device)
+            fired[out.indices[on] % sae.d_sae] = True
+            pos = out.values[on]
             min_pos = pos.min() if pos.numel() else torch.tensor(float("inf"), device=self.device)
             stats = torch.stack([out.loss.detach(), out.mse.detach(), out.aux_loss.detach(), out.fvu,
-                                 (acts > 0).sum().float() / len(x)])
+                                 on.sum().float() / len(x)])
             if world > 1:
                 fired_i = fired.to(torch.int32)
                 dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)

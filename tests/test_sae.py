@@ -84,6 +84,24 @@ def test_batch_topk_selection_by_hand():
     assert batch_topk(pre, 3).tolist() == pre.tolist()
 
 
+def _sorted_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    vals = pre.tolist()
+    order = sorted(((v, i, j) for i, r in enumerate(vals) for j, v in enumerate(r)), key=lambda t: -t[0])
+    out = torch.zeros_like(pre)
+    for v, i, j in order[: k * len(vals)]:
+        out[i, j] = v
+    return out
+
+
+@pytest.mark.parametrize("shape,k,skew", [((4, 40), 2, True), ((16, 200), 3, False), ((32, 64), 4, True), ((8, 12), 5, False)])
+def test_batch_topk_fast_path_and_fallback_match_a_sort(shape, k, skew):
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    pre = torch.relu(torch.randn(shape, generator=g))
+    if skew:  # row 0 dominates: it holds every kept value, more than its 4k candidates
+        pre[0] += 10.0
+    assert torch.equal(batch_topk(pre, k), _sorted_topk(pre, k))
+
+
 def test_threshold_running_estimate_by_hand():
     sae = hand_sae()
     sae.update_threshold(0.8, 0.1)
