@@ -11,7 +11,8 @@ setup:
 demo: setup
 	$(VENV)/bin/rank1 run --config $(CONFIG) $(ARGS)
 
-test: setup
+test:
+	@bash scripts/setup.sh --browser
 	$(VENV)/bin/python -m pytest tests $(ARGS)
 
 test-fast: setup

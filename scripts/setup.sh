@@ -12,6 +12,17 @@ PY=${PYTHON:-python3}
 if [ -z "${RANK1_ACCEL:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then RANK1_ACCEL=gpu; else RANK1_ACCEL=cpu; fi
 fi
+# `setup.sh --browser` (used by `make test`) also installs Debian's chromium and chromedriver
+# for the dashboard browser tests when they are missing (needs root and apt-get).
+if [ "${1:-}" = "--browser" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium + chromium-driver for the browser tests" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[setup] chromium/chromedriver missing and not root: the browser tests will be skipped" >&2
+  fi
+fi
+
 stamp_src=$(cat pyproject.toml requirements/cpu.lock scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.rank1-setup-$RANK1_ACCEL-$stamp_src"
 if [ -f "$stamp" ]; then exit 0; fi
