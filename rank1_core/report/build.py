@@ -231,6 +231,9 @@ class ReportBuilder:
         self.catalogue = cat
         if cat.empty:
             self._miss("feature dashboards", "no stage has listed any feature yet (extract, sae, topk, autointerp)")
+            self._figure2(cat)
+            self._figure3(cat, None)
+            self._scores(cat)
             return
         if not inp.done("autointerp"):
             inp.need("autointerp", "explanations, classifications and categories of features")

@@ -247,7 +247,7 @@ def feature_index_page(rows: list[list], columns: list[str], run_label: str) -> 
 <select id="cat" aria-label="category"><option value="">any category</option></select>
 <label>min score <input id="minscore" type="number" step="0.05" size="5" aria-label="minimum score"></label>
 <label><input id="explained" type="checkbox"> explained only</label>
-<button id="reset" type="button">reset</button>
+<button id="clear-filters" type="button">reset</button>
 <span id="count" class="count"></span>
 </form>
 <table id="features" class="data features"><thead><tr>

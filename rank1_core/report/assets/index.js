@@ -114,8 +114,9 @@
   ["q", "minscore"].forEach(function (id) { $(id).addEventListener("input", apply); });
   ["source", "cls", "cat", "explained"].forEach(function (id) { $(id).addEventListener("change", apply); });
   $("filters").addEventListener("submit", function (e) { e.preventDefault(); });
-  $("reset").addEventListener("click", function () {
-    $("filters").reset();
+  $("clear-filters").addEventListener("click", function () {
+    // (HTMLFormElement.prototype.reset: a control named "reset" would shadow form.reset)
+    HTMLFormElement.prototype.reset.call($("filters"));
     apply();
   });
 
