@@ -65,6 +65,21 @@ def test_extract_stage(ray_session, tiny_cfg, prepared_run, copy_run, tiny_model
     comps = pq.read_table(st.local_path("components.parquet")).to_pylist()
     assert [c["column"] for c in comps] == [c for c in acts.columns if c.startswith("L")]
 
+    # topk over the real extraction: every component and baseline neuron gets its contexts
+    from ray_jobs import topk
+
+    tm = topk.run(cfg)
+    assert tm["extra"]["sources"] == ["adapter", "neuron"]
+    assert tm["rows"]["features:adapter"] == 14 and tm["rows"]["features:neuron"] == 32
+    ctx = pq.read_table(RunDir(str(run)).stage("topk").local_path("contexts.parquet")).to_pandas()
+    per = ctx[ctx.sign == "pos"].groupby("feature")["rank"].max()
+    assert len(per) >= 14 and per.max() == cfg.topk.k
+    assert (ctx.groupby(["feature", "sign", "doc_id"]).size() <= cfg.topk.max_per_doc).all()
+    hit = ctx.iloc[0]
+    assert hit.context_values[hit.hit_index] == pytest.approx(hit.value)
+    assert hit.context_token_ids[hit.hit_index] == int(
+        tokens[(tokens.doc_id == hit.doc_id) & (tokens.pos == hit.pos)].token_id.iloc[0])
+
     # a rerun with the same config is skipped; --force redoes it without duplicating files
     again = extract.run(cfg)
     assert again["finished_at"] == m["finished_at"]
