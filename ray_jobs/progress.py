@@ -20,6 +20,10 @@ Ray the same calls drive only the terminal bar, so library code and tests can us
 The terminal shows a tqdm bar when stderr is a terminal, a log line every `log_every`
 seconds otherwise (job logs), and inside a Ray worker process Ray's `tqdm_ray`, whose bars
 the driver draws.
+
+Ray drops a gauge from its Prometheus endpoint about 30 s after it was last set (measured,
+Ray 2.60), so while a Progress is open a daemon thread sets its gauges again every
+`keepalive` seconds; counters are cumulative and stay.
 """
 
 from __future__ import annotations
@@ -154,9 +158,12 @@ class Progress:
 
     def __init__(self, stage: str, total: Optional[int] = None, *, main: str = "tokens", unit: str = "it",
                  desc: Optional[str] = None, bar: Optional[bool] = None, log_every: float = 30.0,
-                 rate_every: float = 2.0):
+                 rate_every: float = 2.0, keepalive: float = 10.0):
         self.stage, self.total, self.main = stage, total, main
         self.n = 0
+        self._gauges: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         self._rate_every = rate_every
         self._rate_t = time.monotonic()
         self._rate_n = 0
@@ -176,7 +183,20 @@ class Progress:
                 self._bar = _LineBar(desc, total, unit, log_every)
         metric("counter", main)  # the main counter appears on the dashboard from the start
         if total:
-            gauge(stage, "progress", 0.0)
+            self._gauge("progress", 0.0)
+        if ray_ready() and keepalive > 0:
+            self._thread = threading.Thread(target=self._keepalive, args=(keepalive,), daemon=True,
+                                            name=f"rank1-progress-{stage}")
+            self._thread.start()
+
+    def _gauge(self, name: str, value: float) -> None:
+        self._gauges[name] = float(value)
+        gauge(self.stage, name, value)
+
+    def _keepalive(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for name, value in list(self._gauges.items()):
+                gauge(self.stage, name, value)
 
     def update(self, n: float = 1, **counters: float) -> None:
         if n:
@@ -188,18 +208,22 @@ class Progress:
             count(self.stage, name, v)
         now = time.monotonic()
         if now - self._rate_t >= self._rate_every:
-            gauge(self.stage, f"{self.main}_per_s", (self.n - self._rate_n) / (now - self._rate_t))
+            self._gauge(f"{self.main}_per_s", (self.n - self._rate_n) / (now - self._rate_t))
             self._rate_t, self._rate_n = now, self.n
             if self.total:
-                gauge(self.stage, "progress", min(1.0, self.n / self.total))
+                self._gauge("progress", min(1.0, self.n / self.total))
 
     def set(self, **gauges: float) -> None:
         for name, v in gauges.items():
-            gauge(self.stage, name, v)
+            self._gauge(name, v)
         if self._bar is not None and hasattr(self._bar, "set_postfix") and gauges:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in gauges.items()}, refresh=False)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
         if self.total:
             gauge(self.stage, "progress", min(1.0, self.n / self.total))
         if self._bar is not None:
