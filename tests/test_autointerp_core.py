@@ -358,3 +358,22 @@ def test_cache_payload_has_no_key_or_url():
     ep = Endpoint("m", model="x", base_url="http://127.0.0.1:9/v1", api_key_env="OPENAI_API_KEY")
     blob = json.dumps(cache_payload(ep, LLMRequest("explain", "m", "p", 5)))
     assert "127.0.0.1" not in blob and "OPENAI_API_KEY" not in blob
+
+
+def test_local_schemas_are_accepted_by_xgrammar():
+    """vLLM's structured output (xgrammar) rejects some keyword mixes, e.g. pattern + maxLength."""
+    pytest.importorskip("xgrammar")
+    import xgrammar
+
+    for schema in (P.explain_schema(True), P.categories_schema(True), P.score_schema(6, True),
+                   P.categorize_schema(["a_b", "c"])):
+        xgrammar.Grammar.from_json_schema(json.dumps(schema))
+        assert not _xgrammar_unsupported(schema), schema
+
+
+def _xgrammar_unsupported(schema) -> bool:
+    try:
+        from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+    except Exception:  # vLLM absent (GPU users may run without it): xgrammar's own check above
+        return False
+    return has_xgrammar_unsupported_json_features(schema)

@@ -299,7 +299,7 @@ CALLS_SCHEMA = pa.schema([
     ("group", pa.string()), ("tag", pa.string()), ("cached", pa.bool_()), ("status", pa.string()),
     ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
     ("latency_s", pa.float64()), ("attempts", pa.int32()), ("retries", pa.int32()),
-    ("retry_errors", pa.string()), ("error", pa.string()), ("key", pa.string()),
+    ("retry_errors", pa.string()), ("error", pa.string()), ("finish_reason", pa.string()), ("key", pa.string()),
 ])
 
 
@@ -315,6 +315,11 @@ def _calls_table(rows: list[dict]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the work
+
+
+def _unparsable(res: CallResult, err: Exception) -> str:
+    cut = " (cut off at max_tokens)" if res.finish_reason in ("length", "max_tokens") else ""
+    return f"unparsable answer{cut}: {err}"
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -437,7 +442,7 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         try:
             e = P.parse_explanation(res.text)
         except P.ParseError as err:
-            row.fail("explain", f"unparsable answer: {err}")
+            row.fail("explain", _unparsable(res, err))
             continue
         row.explanation, row.classification, row.classification_reasoning = e.explanation, e.classification, e.reasoning
         if e.note:
@@ -488,7 +493,7 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             try:
                 cats, summary = P.parse_categories(res.text)
             except P.ParseError as err:
-                groups[g]["error"] = f"unparsable answer: {err}"
+                groups[g]["error"] = _unparsable(res, err)
                 continue
             groups[g]["categories"] = [c.__dict__ for c in cats]
             groups[g]["summary"] = summary
@@ -500,7 +505,7 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             try:
                 labels = P.parse_labels(res.text, len(truth[res.tag]))
             except P.ParseError as err:
-                row.fail("score", f"unparsable answer: {err}")
+                row.fail("score", _unparsable(res, err))
                 continue
             row.score_accuracy, row.score = P.detection_scores(labels, truth[res.tag])
             row.score_n = len(labels)
@@ -533,7 +538,7 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         try:
             row.category = P.parse_category_choice(res.text, ids)
         except P.ParseError as err:
-            row.fail("categorize", f"unparsable answer: {err}")
+            row.fail("categorize", _unparsable(res, err))
 
     # ---- outputs
     table = _explanations_table([rows[fx.tag] for fx in features])

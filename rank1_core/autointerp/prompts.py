@@ -174,8 +174,8 @@ def explain_schema(limits: bool = False) -> dict:
     """JSON schema of the B.1 answer. ``limits`` adds string lengths (small local models
     otherwise ramble until max_tokens; hosted strict modes may reject the keywords)."""
     s = {"type": "string"}
-    expl = {**s, "maxLength": 100} if limits else s
-    reason = {**s, "maxLength": 200} if limits else s
+    expl = {**s, "maxLength": 80} if limits else s
+    reason = {**s, "maxLength": 150} if limits else s
     return {"type": "object", "additionalProperties": False,
             "required": ["explanation", "classification", "classification_reasoning"],
             "properties": {"explanation": expl, "classification": {"type": "integer", "enum": [0, 1, 2]},
@@ -283,15 +283,15 @@ def categories_schema(limits: bool = False) -> dict:
     def lim(n: int) -> dict:
         return {**s, "maxLength": n} if limits else s
 
-    examples: dict[str, Any] = {"type": "array", "items": lim(100)}
+    examples: dict[str, Any] = {"type": "array", "items": lim(80)}
     cats: dict[str, Any] = {"type": "array", "items": {
         "type": "object", "additionalProperties": False,
         "required": ["string_id", "name", "definition", "examples"],
-        "properties": {"string_id": ({"type": "string", "pattern": "^[a-z][a-z0-9_]*$", "maxLength": 40}
+        "properties": {"string_id": ({"type": "string", "pattern": "^[a-z][a-z0-9_]{0,39}$"}
                                                  if limits else s),
-                       "name": lim(60), "definition": lim(200), "examples": examples}}}
+                       "name": lim(60), "definition": lim(150), "examples": examples}}}
     if limits:
-        examples.update(minItems=1, maxItems=5)
+        examples.update(minItems=1, maxItems=3)
         cats.update(minItems=2, maxItems=8)
     return {"type": "object", "additionalProperties": False, "required": ["categories", "summary"],
             "properties": {"categories": cats, "summary": lim(300)}}

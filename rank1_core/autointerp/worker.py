@@ -48,6 +48,8 @@ class CallResult:
     error: str | None = None
     time: float = 0.0
     key: str = ""
+    finish_reason: str | None = None
+    """The server's stop reason ('length': the answer hit max_tokens and is cut)."""
 
     def row(self) -> dict:
         d = asdict(self)
@@ -106,6 +108,7 @@ class Worker:
             if hit is not None and isinstance(hit.get("text"), str):
                 res.status, res.cached, res.text = CACHED, True, hit["text"]
                 res.tokens_in, res.tokens_out = int(hit.get("tokens_in", 0)), int(hit.get("tokens_out", 0))
+                res.finish_reason = hit.get("finish_reason")
                 res.latency_s = self.clock() - t0
                 return res
         est_in = estimate_tokens((req.system or "") + req.prompt)
@@ -142,7 +145,7 @@ class Worker:
         except Exception as e:  # a bug or an unexpected library error: recorded, not fatal
             res.error = redact(f"{type(e).__name__}: {e}", *self.secrets.values())
         else:
-            res.status, res.text = OK, resp.text
+            res.status, res.text, res.finish_reason = OK, resp.text, resp.finish_reason
             res.tokens_in, res.tokens_out = resp.tokens_in, resp.tokens_out
             if self.cache is not None:
                 self.cache.put(key, {"request": cache_payload(ep, req), "text": resp.text,
