@@ -106,6 +106,10 @@ def train_worker(loop_config: dict) -> None:
             save_checkpoint(engine, state, Path(tmp))
             write = rank == 0 or engine.sharded_checkpoint
             ray.train.report(m, checkpoint=Checkpoint.from_directory(tmp) if write else None)
+        # Wait until the controller has registered the checkpoint: reports are collected by
+        # polling, and a worker that died before the next poll would lose it (measured: the
+        # restarted run began at step 0). Costs little, and only at checkpoints.
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
 
     state = train_loop(engine, train_docs, held, tc, st, cfg.run.seed, tok.pad_token_id, state, report=report,
                        on_step_end=_fail_hook(loop_config.get("fail_at"), rank), progress=tqdm)
