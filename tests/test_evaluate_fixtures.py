@@ -44,7 +44,7 @@ def make_adapter(model_dir, out, *, seed: int = 0, scale: float = 0.05, zero_b: 
     return out
 
 
-def make_full_model(model_dir, out, *, seed: int = 1, scale: float = 0.01) -> Path:
+def make_full_model(model_dir, out, *, seed: int = 1, scale: float = 0.05) -> Path:
     import torch
 
     from rank1_core.models import load_model, load_tokenizer

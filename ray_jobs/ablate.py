@@ -1,0 +1,209 @@
+"""ablate: KL of every adapter component and layer ablated (Figure 1), group ablations (Table 2).
+
+    python -m ray_jobs.ablate --config configs/demo.yaml
+
+1. KL(ablated || full adapter), teacher-forced on the held-out traces of `prepare/tokens`
+   and averaged over their assistant tokens, for every component, every whole layer and
+   every configured group. Traces are sharded across `ablate.actors` Ray Data actors
+   (`rank1_core.ablation.KLWorker`); each pass of an actor stacks up to
+   `ablate.ablations_per_pass` ablations of `ablate.batch_docs` traces and restarts at the
+   first ablated layer from the reference pass (see rank1_core/ablation.py).
+2. Each group (default: all attention adapters, all MLP adapters) is written as an ordinary
+   peft adapter with its lora_A zeroed (`adapters/<group>/`) and benchmarked through the
+   evaluate stage's machinery (same backend, sampling and budget) as variant
+   `<group>_ablated`; Table 2 relates each score x to the evaluate stage's base b and LoRA l:
+   (x - b) / (l - b).
+
+Leaves in `ablate/`:
+- `kl_components.parquet`: column (`L{layer:02d}_{module}`), layer, module, kind (mlp | attn),
+  kl_mean, kl_sem, kl_max, n_tokens, n_docs.
+- `kl_layers.parquet`: layer, kl_mean, kl_sem, kl_max, n_tokens, n_docs.
+- `kl_rows.parquet`: the per-(ablation, trace) sums the means come from.
+- `groups.parquet`: group, benchmark, n_components, kl_mean, kl_sem, n_problems, n_samples,
+  pass1, stderr, base, lora, relative (NaN when undefined).
+- `table2.md`, `table2.csv`; `samples.parquet` (the groups' graded samples, evaluate's schema);
+  `adapters/<group>/` (peft adapters).
+"""
+
+from __future__ import annotations
+
+from rank1_core.config import Config
+from ray_jobs.common import ensure_ray, execute, stage_cli
+
+STAGE = "ablate"
+
+
+def adapter_components(adapter_dir) -> list[str]:
+    """`L{layer:02d}_{module}` of every lora_A saved in a peft adapter (keys only, no weights)."""
+    from safetensors import safe_open
+
+    from rank1_core.ablation import _SAVED_A, component_name
+
+    with safe_open(str(adapter_dir) + "/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    comps = []
+    for k in keys:
+        m = _SAVED_A.search(k)
+        if m:
+            comps.append(component_name(int(m.group(1)), m.group(2)))
+    if not comps:
+        raise ValueError(f"adapter {adapter_dir} holds no lora_A of q/k/v/o/gate/up/down_proj")
+    return comps
+
+
+def heldout_docs(cfg: Config) -> list[dict]:
+    """Held-out traces (doc_id, input_ids, loss_mask) from prepare/tokens, first ablate.heldout_docs."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from rank1_core.rundir import RunDir
+
+    prep = RunDir(cfg.run.dir).stage("prepare")
+    ds = pads.dataset(prep.path("tokens"), filesystem=prep.fs, format="parquet")
+    t = ds.to_table(columns=["doc_id", "split", "input_ids", "loss_mask"], filter=pc.field("split") == "heldout")
+    t = t.sort_by("doc_id")
+    if cfg.ablate.heldout_docs:
+        t = t.slice(0, cfg.ablate.heldout_docs)
+    if t.num_rows == 0:
+        raise ValueError(f"{prep.uri_of('tokens')} has no held-out traces (split 'heldout'); "
+                         "set data.heldout_traces > 0 and rerun prepare")
+    return t.select(["doc_id", "input_ids", "loss_mask"]).to_pylist()
+
+
+def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: list[dict]):
+    """Per-(ablation, trace) KL rows from Ray Data actors."""
+    from rank1_core.ablation import KLWorker
+
+    ac = cfg.ablate
+    ray = ensure_ray(cfg)
+    blocks = max(1, min(len(docs), -(-len(docs) // ac.batch_docs)))
+    ds = ray.data.from_items(docs, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        KLWorker,
+        fn_constructor_kwargs=dict(model_dir=model_dir, adapter_dir=adapter_uri,
+                                   ablations=[a.to_dict() for a in ablations], dtype=ac.dtype or cfg.model.dtype,
+                                   batch_docs=ac.batch_docs, ablations_per_pass=ac.ablations_per_pass,
+                                   threads=ac.threads),
+        batch_size=ac.batch_docs, batch_format="pandas", concurrency=ac.actors,
+        num_cpus=ac.actor_cpus, num_gpus=ac.actor_gpus or None)
+    return ds.take_all()
+
+
+def kl_tables(agg):
+    """(components, layers, groups) KL tables from `rank1_core.ablation.aggregate`."""
+    from rank1_core.ablation import module_kind
+
+    comps = agg[agg["kind"] == "component"].copy()
+    comps.insert(0, "column", comps["ablation"])
+    comps["layer"] = comps["layer"].astype("int32")
+    comps["kind"] = [module_kind(m) for m in comps["module"]]
+    comps = comps[["column", "layer", "module", "kind", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
+    layers = agg[agg["kind"] == "layer"].copy()
+    layers["layer"] = layers["layer"].astype("int32")
+    layers = layers[["layer", "n_components", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
+    groups = agg[agg["kind"] == "group"][["ablation", "n_components", "kl_mean", "kl_sem"]].rename(
+        columns={"ablation": "group"})
+    return comps.reset_index(drop=True), layers.reset_index(drop=True), groups.reset_index(drop=True)
+
+
+def kl_summary(comps, layers, top: int) -> str:
+    """Which layers and modules matter most, as printed text."""
+    lines = []
+    if len(comps):
+        lines.append(f"Top {min(top, len(comps))} components by KL(ablated || full adapter):")
+        for r in comps.sort_values("kl_mean", ascending=False).head(top).itertuples():
+            lines.append(f"  {r.column:<16} {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
+        by_mod = comps.groupby("module")["kl_mean"].mean().sort_values(ascending=False)
+        lines.append("Mean KL by module: " + ", ".join(f"{m} {v:.3e}" for m, v in by_mod.items()))
+        by_kind = comps.groupby("kind")["kl_mean"].mean()
+        lines.append("Mean KL by kind: " + ", ".join(f"{k} {v:.3e}" for k, v in by_kind.items()))
+    if len(layers):
+        lines.append(f"Top {min(top, len(layers))} layers:")
+        for r in layers.sort_values("kl_mean", ascending=False).head(top).itertuples():
+            lines.append(f"  layer {r.layer:>3}  {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
+    return "\n".join(lines)
+
+
+def run(cfg: Config, force: bool = False) -> dict:
+    import tempfile
+
+    import pandas as pd
+
+    from rank1_core.ablation import aggregate, plan_ablations, write_ablated_adapter
+    from rank1_core.grading import table2, table2_markdown
+    from rank1_core.models import resolve_model_dir
+    from rank1_core.rundir import RunDir
+    from ray_jobs import evaluate as E
+
+    ac = cfg.ablate
+    bench_groups = ac.benchmark_groups and bool(ac.groups)
+    if bench_groups and not {"base", "lora"} <= set(cfg.evaluate.variants):
+        from rank1_core.config import ConfigError
+
+        raise ConfigError("ablate.benchmark_groups needs evaluate.variants to include base and lora "
+                          f"(Table 2 relates each group to both); got {cfg.evaluate.variants}")
+    ups = ("prepare", "train") + (("evaluate",) if bench_groups else ())
+
+    def body(sr):
+        run = RunDir(cfg.run.dir)
+        st, train = sr.stage, run.stage("train")
+        model_dir = str(resolve_model_dir(cfg.model))
+        with sr.timed("plan"), train.local_copy("adapter") as adapter, tempfile.TemporaryDirectory() as tmp:
+            comps = adapter_components(adapter)
+            groups = [(g.name, g.modules, g.layers) for g in ac.groups]
+            ablations = plan_ablations(comps, per_component=ac.components, per_layer=ac.layers, groups=groups)
+            for g in ac.groups:
+                # An ordinary peft adapter with the group's lora_A zeroed: any LoRA server runs it.
+                members = next(a.components for a in ablations if a.name == g.name)
+                write_ablated_adapter(adapter, members, f"{tmp}/{g.name}")
+                st.upload_dir(f"{tmp}/{g.name}", f"adapters/{g.name}")
+            docs = heldout_docs(cfg)
+        with sr.timed("kl"):
+            rows = compute_kl(cfg, model_dir, train.uri_of("adapter"), ablations, docs)
+        kl_rows = pd.DataFrame(rows)
+        agg = aggregate(rows, ablations)
+        comps_t, layers_t, groups_kl = kl_tables(agg)
+        E.write_parquet(st, "kl_rows.parquet", kl_rows)
+        E.write_parquet(st, "kl_components.parquet", comps_t)
+        E.write_parquet(st, "kl_layers.parquet", layers_t)
+        text = kl_summary(comps_t, layers_t, ac.top)
+        print(text, flush=True)
+        sr.rows.update({"kl_components": len(comps_t), "kl_layers": len(layers_t), "kl_rows": len(kl_rows)})
+        sr.extra.update({"heldout_docs": len(docs), "scored_tokens": int(agg["n_tokens"].max()),
+                         "ablations": len(ablations)})
+
+        groups_out = groups_kl.copy()
+        if bench_groups:
+            benches = E.load_benchmarks(cfg)
+            variants = [E.Variant(f"{g.name}_ablated", model_dir, st.uri_of("adapters", g.name)) for g in ac.groups]
+            samples = E.generate_and_grade(cfg, variants, benches, sr, tag="benchmark")
+            E.write_parquet(st, "samples.parquet", samples)
+            base_lora = pd.read_parquet(run.stage("evaluate").path("summary.parquet"), filesystem=run.fs)
+            base_lora = base_lora[base_lora["variant"].isin(["base", "lora"])]
+            summary = pd.concat([base_lora, E.summarize(samples)], ignore_index=True)
+            names = [g.name for g in ac.groups]
+            t2 = table2(summary, names, list(benches))
+            st.write_text("table2.csv", t2.to_csv(index=False))
+            md = table2_markdown(t2, names)
+            st.write_text("table2.md", md)
+            print(md, flush=True)
+            rows_g = []
+            for g in ac.groups:
+                kl = groups_kl[groups_kl["group"] == g.name].iloc[0]
+                for r in t2.itertuples():
+                    s = summary[(summary["variant"] == f"{g.name}_ablated") & (summary["benchmark"] == r.benchmark)].iloc[0]
+                    rows_g.append({"group": g.name, "benchmark": r.benchmark, "n_components": int(kl.n_components),
+                                   "kl_mean": float(kl.kl_mean), "kl_sem": float(kl.kl_sem),
+                                   "n_problems": int(s.n_problems), "n_samples": int(s.n_samples),
+                                   "pass1": float(s.pass1), "stderr": float(s.stderr), "base": float(r.base),
+                                   "lora": float(r.lora), "relative": float(getattr(r, f"{g.name}_relative"))})
+            groups_out = pd.DataFrame(rows_g)
+            sr.rows["samples"] = len(samples)
+        E.write_parquet(st, "groups.parquet", groups_out)
+        sr.rows["groups"] = len(groups_out)
+
+    return execute(cfg, STAGE, body, upstream=ups, force=force)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_cli(STAGE, run))

@@ -1,0 +1,111 @@
+"""The evaluate stage: engine grouping, bad benchmark input, and (slow) end to end on the
+tiny config with the transformers backend and with vLLM (adapter as a LoRARequest)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from rank1_core.config import ConfigError
+from rank1_core.generation import vllm_available
+from rank1_core.grading import BenchmarkError
+from ray_jobs import evaluate
+from ray_jobs.evaluate import Variant, engine_groups
+from test_evaluate_fixtures import VLLM_TINY, add_trained_stages
+
+SAMPLE_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "extracted", "correct",
+                  "n_tokens", "finished", "backend", "lora_mode"]
+
+
+def test_engine_groups_share_base_weights_unless_merged():
+    vs = [Variant("base", "/m"), Variant("lora", "/m", "/a"), Variant("x_ablated", "/m", "/b"), Variant("full", "/f")]
+    assert engine_groups(vs, "lora_request") == [("/m", {"base": None, "lora": "/a", "x_ablated": "/b"}),
+                                                 ("/f", {"full": None})]
+    assert engine_groups(vs, "merged") == [("/m", {"base": None}), ("/f", {"full": None}),
+                                           ("/m", {"lora": "/a"}), ("/m", {"x_ablated": "/b"})]
+
+
+def test_config_rejects_impossible_settings(tiny_cfg):
+    with pytest.raises(ConfigError, match="evaluate.samples is 4 but evaluate.temperature is 0"):
+        tiny_cfg("evaluate.samples=4")
+    with pytest.raises(ConfigError, match="lora_mode 'lora_request' needs evaluate.backend 'vllm'"):
+        tiny_cfg("evaluate.lora_mode=lora_request")
+    with pytest.raises(ConfigError, match="unknown variant 'best'"):
+        tiny_cfg("evaluate.variants=[base, best]")
+    with pytest.raises(ConfigError, match="ablate.groups\\[g\\].modules: unknown module 'lm_head'"):
+        tiny_cfg("ablate.groups=[{name: g, modules: [lm_head]}]")
+
+
+def test_benchmark_missing_its_answer_column_fails_clearly_and_writes_nothing(
+        tiny_cfg, prepared_run, copy_run, tiny_model_dir):
+    run_dir = copy_run(prepared_run)
+    add_trained_stages(run_dir, tiny_model_dir)
+    bench = run_dir / "prepare" / "benchmarks" / "arith-heldout.parquet"
+    pq.write_table(pq.read_table(bench).drop(["answer"]), bench)
+    with pytest.raises(BenchmarkError, match=r"arith-heldout\.parquet has no column 'answer'"):
+        evaluate.run(tiny_cfg(run_dir=run_dir))
+    assert not (run_dir / "evaluate" / "_SUCCESS").exists()
+    assert not (run_dir / "evaluate" / "samples.parquet").exists()
+
+
+def test_missing_upstream_stage_is_named(tiny_cfg, prepared_run, copy_run):
+    from rank1_core.rundir import StageNotDone
+
+    with pytest.raises(StageNotDone, match="stage 'train' has not finished"):
+        evaluate.run(tiny_cfg(run_dir=copy_run(prepared_run)))
+
+
+def check_outputs(run_dir, variants, n_problems=16, max_tokens=16):
+    st = run_dir / "evaluate"
+    samples = pd.read_parquet(st / "samples.parquet")
+    assert list(samples.columns[:len(SAMPLE_COLUMNS) + 1]) == SAMPLE_COLUMNS[:7] + ["marker_found"] + SAMPLE_COLUMNS[7:]
+    assert len(samples) == len(variants) * n_problems
+    assert samples["variant"].drop_duplicates().tolist() == variants
+    assert samples["correct"].dtype == bool and samples["finished"].dtype == bool
+    assert (samples["n_tokens"] <= max_tokens).all() and (samples["n_tokens"] >= 1).all()
+    summary = pd.read_parquet(st / "summary.parquet")
+    assert summary["variant"].tolist() == sorted(variants)
+    assert (summary["n_problems"] == n_problems).all()
+    for r in summary.itertuples():
+        got = samples[samples["variant"] == r.variant]["correct"].mean()
+        assert r.pass1 == pytest.approx(got)
+    return samples, summary
+
+
+@pytest.mark.slow
+def test_evaluate_stage_end_to_end_transformers(tiny_cfg, prepared_run, copy_run, tiny_model_dir, ray_session):
+    run_dir = copy_run(prepared_run)
+    add_trained_stages(run_dir, tiny_model_dir)
+    cfg = tiny_cfg(run_dir=run_dir)
+    m = evaluate.run(cfg)
+    samples, summary = check_outputs(run_dir, ["base", "lora", "full"])
+    modes = {v: set(g["lora_mode"].fillna("none")) for v, g in samples.groupby("variant")}
+    assert modes == {"base": {"none"}, "lora": {"peft"}, "full": {"none"}}
+    assert set(samples["backend"]) == {"transformers"}
+    # The random-B adapter and the perturbed model generate differently from the base.
+    by = {v: g["response"].tolist() for v, g in samples.groupby("variant")}
+    assert by["base"] != by["lora"] and by["base"] != by["full"]
+    t1 = pd.read_csv(run_dir / "evaluate" / "table1.csv")
+    assert t1["benchmark"].tolist() == ["arith-heldout"]
+    assert "% Recovery" in (run_dir / "evaluate" / "table1.md").read_text()
+    assert m["extra"]["lora_mode"] == {"base": None, "lora": "peft", "full": None}
+    assert set(m["inputs"]) == {"prepare", "train", "train_full"}
+    assert evaluate.run(cfg)["finished_at"] == m["finished_at"]  # done: skipped
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+def test_evaluate_stage_with_vllm_lora_request(tiny_cfg, tmp_path, ray_session):
+    """vLLM inside a Ray Data actor, one engine serving base and the adapter as a LoRARequest."""
+    from rank1_core.models import resolve_model_dir
+    from ray_jobs import prepare
+
+    cfg = tiny_cfg(*VLLM_TINY, "evaluate.backend=vllm", "evaluate.variants=[base, lora]", "evaluate.limit=6",
+                   run_dir=tmp_path / "run")
+    prepare.run(cfg)
+    add_trained_stages(tmp_path / "run", resolve_model_dir(cfg.model))
+    m = evaluate.run(cfg)
+    samples, _ = check_outputs(tmp_path / "run", ["base", "lora"], n_problems=6)
+    assert set(samples["backend"]) == {"vllm"}
+    assert m["extra"]["lora_mode"] == {"base": None, "lora": "lora_request"}
