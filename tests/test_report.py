@@ -312,3 +312,17 @@ def test_cli_rejects_a_directory_without_stages(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main(["--run", str(tmp_path / "empty")]) == 2
     assert "holds no stage output" in capsys.readouterr().err
+
+
+def test_stage_on_a_prepared_tiny_run(prepared_run, copy_run, tiny_cfg):
+    """The stage entry point on a real run with only `prepare` done: everything else is listed."""
+    from ray_jobs import report
+
+    run_dir = copy_run(prepared_run)
+    cfg = tiny_cfg(run_dir=run_dir)
+    m = report.run(cfg)
+    assert m["inputs"].keys() == {"prepare"}
+    missing = "\n".join(m["extra"]["missing"])
+    for stage in ("evaluate", "ablate", "extract", "sae", "autointerp"):
+        assert f"stage '{stage}' has not run" in missing
+    assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "_SUCCESS").is_file()

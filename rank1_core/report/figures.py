@@ -214,7 +214,9 @@ def curves(metrics: pd.DataFrame, path: Path, title: str, specs=SAE_CURVES, x: s
         ax.set_xlabel(x, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if col in ("loss", "mse", "aux_loss", "heldout_loss") and all((m[col].dropna() > 0).all() for m in runs.values() if col in m):
+        vals = pd.concat([m[col].dropna() for m in runs.values() if col in m])
+        if col in ("loss", "mse", "aux_loss", "heldout_loss") and len(vals) and (vals > 0).all() \
+                and vals.max() > 10 * vals.min():  # log only over a decade or more (else slow, unreadable ticks)
             ax.set_yscale("log")
         if len(runs) > 1:
             ax.legend(fontsize=7)
@@ -243,7 +245,7 @@ def detection_scores(features: pd.DataFrame, path: Path, dpi: int = 130) -> Opti
     bins = np.linspace(lo, hi, 21)
     for s in srcs:
         v = d[d["source"] == s]["score"].astype(float)
-        left.hist(v, bins=bins, alpha=0.55, color=SOURCE_COLORS.get(s), density=True,
+        left.hist(v, bins=bins, histtype="step", linewidth=1.8, color=SOURCE_COLORS.get(s), density=True,
                   label=f"{SOURCE_LABELS.get(s, _label(s))} (n={len(v)}, mean {v.mean():.2f})")
     left.set_xlabel("detection score")
     left.set_ylabel("density")
