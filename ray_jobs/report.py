@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default=None, help="run directory (path or URI); default: run.dir of --config")
     p.add_argument("--config", "-c", default=None, help="YAML config (default: the config stored in the run)")
     p.add_argument("--force", action="store_true", help="redraw even if nothing changed")
+    p.add_argument("--screenshots", default=None, metavar="DIR",
+                   help="also save PNG screenshots of the report, the feature index and a feature page "
+                        "(needs chromium, chromium-driver and selenium)")
+    p.add_argument("--feature-page", default=None, help="with --screenshots: which page, e.g. features/sae/F00012.html")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. report.max_features=100")
     args = p.parse_args(argv)
     if not args.run and not args.config:
@@ -112,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             cfg = config_of_run(args.run, list(args.overrides))
         run(cfg, args.force)
+        if args.screenshots:
+            from rank1_core.report.screenshot import report_screenshots
+
+            st = RunDir(cfg.run.dir).stage(STAGE)
+            with st.local_copy(".") as local:
+                for path in report_screenshots(Path(local), Path(args.screenshots), args.feature_page):
+                    print(f"[report] screenshot {path}", flush=True)
     except (ConfigError, StageNotDone) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,8 +13,6 @@ chromium-driver`); skipped, saying so, when they are not installed.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,9 @@ from rank1_core.config import ReportConfig
 from rank1_core.report import build_report
 from rank1_core.report.synthetic import EVIL, SyntheticSpec, make_synthetic_run
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+from rank1_core.report.screenshot import browser_paths
+
+CHROMIUM, CHROMEDRIVER = browser_paths()
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="chromium and chromedriver are not installed (apt-get install -y chromium chromium-driver)")
@@ -47,23 +46,12 @@ def report_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def browser():
+    from rank1_core.report.screenshot import chromium
 
-    profile = tempfile.mkdtemp(prefix="rank1-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1000"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SPY})
-    drv.set_page_load_timeout(30)
-    yield drv
-    drv.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with chromium() as drv:
+        drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": SPY})
+        yield drv
 
 
 @pytest.fixture(scope="module")
