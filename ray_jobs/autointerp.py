@@ -22,6 +22,7 @@ import dataclasses
 
 from rank1_core.config import Config
 from ray_jobs.common import execute, stage_cli
+from ray_jobs.progress import Progress
 
 STAGE = "autointerp"
 
@@ -150,6 +151,18 @@ class LocalRunner:
         pass
 
 
+def _counter(progress):
+    """Each call result -> the stage's counters (terminal line, Ray dashboard metrics)."""
+
+    def on_call(r) -> None:
+        fresh = not r.cached
+        progress.update(1, llm_cached=int(r.cached), llm_errors=int(r.status in ("error", "budget")),
+                        llm_tokens_in=r.tokens_in if fresh else 0, llm_tokens_out=r.tokens_out if fresh else 0,
+                        spend_usd=r.cost_usd, features_explained=int(r.task == "explain" and r.text is not None))
+
+    return on_call
+
+
 def resolved(cfg: Config) -> Config:
     """The config with use_local_server decided from the environment (part of the stage hash,
     so setting an API key later reruns the stage with the hosted models)."""
@@ -179,7 +192,8 @@ def run(cfg: Config, force: bool = False) -> dict:
             else:
                 runner = LocalRunner(cfg, routing, gate_args, default_cache_dir(a), retry)
             try:
-                res = run_autointerp(cfg, sr.stage, topk, routing, runner)
+                with Progress(STAGE, main="llm_calls", unit="call") as progress:
+                    res = run_autointerp(cfg, sr.stage, topk, routing, runner, on_call=_counter(progress))
                 sr.extra["gate"] = runner.state()
             finally:
                 runner.close()

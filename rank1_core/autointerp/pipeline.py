@@ -392,7 +392,8 @@ def _negatives(fx: P.FeatureExamples, pool: list[tuple[str, P.Context]], k: int,
 
 
 def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routing, runner: Runner,
-                   log=print) -> AutointerpResult:
+                   log=print, on_call: Callable[[CallResult], Any] | None = None) -> AutointerpResult:
+    """The whole stage body. ``on_call`` sees every call result as it lands (progress bars)."""
     a = cfg.autointerp
     seed = cfg.run.seed
     t_start = time.perf_counter()
@@ -413,7 +414,12 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         if state["stopped"]:
             return [CallResult(tag=r.tag, task=r.task, model=r.model, status=BUDGET, error=state["stopped"])
                     for r in reqs]
-        results = runner(reqs, calls.add)
+        def landed(r: CallResult) -> None:
+            calls.add(r)
+            if on_call is not None:
+                on_call(r)
+
+        results = runner(reqs, landed)
         calls.flush()
         for r in results:
             if r.status == BUDGET and not state["stopped"]:
