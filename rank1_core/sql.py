@@ -44,6 +44,9 @@ VIEWS: dict[str, tuple[str, str]] = {
     # autointerp
     "explanations": ("autointerp", "explanations.parquet"),
     "llm_calls": ("autointerp", "calls.parquet"),
+    "classification_shares": ("autointerp", "classification_shares.parquet"),
+    "category_shares": ("autointerp", "category_shares.parquet"),
+    "score_summary": ("autointerp", "score_summary.parquet"),
     # evaluate
     "eval_samples": ("evaluate", "samples.parquet"),
     # ablate
