@@ -107,10 +107,22 @@ def test_deepspeed_on_cpu_saves_a_non_empty_adapter_that_reloads_to_the_same_los
     from rank1_core.models import resolve_model_dir
     from ray_jobs import train
 
+    import json
+
+    from rank1_core.train import CONFIG_DIR
+
     run_dir = copy_run(prepared_run)
     workers = 2 if strategy == "deepspeed_zero3" else 1  # ZeRO-3 partitions the adapter itself
+    ds = json.loads((CONFIG_DIR / f"deepspeed_{strategy[-5:]}.json").read_text())
+    if strategy == "deepspeed_zero3":
+        # Partition every parameter, however small: the tiny model's 64-element lora vectors
+        # would otherwise stay whole and the empty-adapter pitfall could not show (checked by
+        # hand: saved without gathering, every tensor comes out with shape (0,)).
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_file = run_dir.parent / "ds.json"
+    ds_file.write_text(json.dumps(ds))
     cfg = tiny_cfg(f"train.strategy={strategy}", f"train.num_workers={workers}", f"train.cpus_per_worker={3 - workers}",
-                   "train.max_steps=2", run_dir=run_dir)
+                   "train.max_steps=2", f"train.deepspeed_config={ds_file}", run_dir=run_dir)
     m = train.run(cfg)
     assert m["extra"]["strategy"] == strategy and m["rows"]["steps"] == 2
     assert m["rows"]["components"] == 14 and m["extra"]["min_lora_b_norm"] > 0
