@@ -191,6 +191,13 @@ def bench_local(args) -> None:
         print(f"  all tasks: {per:.2f} s/feature -> features in 8 min after start-up: {int((480 - setup) / per)}")
         print(f"  explained {ex['features']['explained']}/{n}, categorized {ex['features']['categorized']}, "
               f"scored {ex['features']['scored']}; mean detection score {ex['mean_detection_score']}")
+        expl = pq.read_table(run / "autointerp" / "explanations.parquet").to_pylist()
+        for r in expl[:: max(1, len(expl) // 5)][:5]:
+            print(f"  e.g. {r['source']}/{r['feature']}: {r['explanation']!r} (class {r['classification']}, "
+                  f"category {r['category']}, score {r['score']})")
+        cats = json.loads((run / "autointerp" / "categories.json").read_text())["groups"]
+        for g, v in cats.items():
+            print(f"  categories[{g}]: {[c['string_id'] for c in v['categories']] or v['error']}")
         print(json.dumps({"wall_s": round(wall, 1), "setup_s": round(setup, 1), "features": n,
                           "timings": tm, "s_per_feature": round(per, 3)}))
 

@@ -114,6 +114,7 @@ def test_stage_end_to_end_through_both_sdks(tiny_cfg, tmp_path, keys):
         t = pq.read_table(out / "explanations.parquet").to_pylist()
         by = {(r["source"], r["feature"]): r for r in t}
         assert sorted(by) == sorted(k for k in SIGNATURE if k != ("adapter", "L01_o_proj"))  # cap 3/source
+        assert all(r["explanation"] or r["error"] for r in t)  # labelled, or marked with the reason
         bad = by[("adapter", "L00_gate_proj")]
         assert bad["explanation"] is None and "explain: unparsable answer" in bad["error"]
         assert bad["classification"] is None and bad["category"] is None and bad["score"] is None
@@ -150,6 +151,15 @@ def test_stage_end_to_end_through_both_sdks(tiny_cfg, tmp_path, keys):
         dens = pq.read_table(out / "category_shares.parquet").to_pylist()
         assert {r["source"] for r in dens} == {"adapter", "neuron", "sae"}
         assert all(r["feature_share"] == 1.0 and r["activation_density"] == 1.0 for r in dens)
+
+        # visible through `rank1 sql`, joinable by feature id with the top-k tables
+        from rank1_core import sql as S
+        con = S.connect(str(run_dir))
+        n_join = con.sql("SELECT count(*) FROM explanations e JOIN contexts c USING (source, feature, sign) "
+                         "WHERE e.explanation IS NOT NULL").fetchall()[0][0]
+        assert n_join == 8 * 8
+        assert con.sql("SELECT sum(cost_usd) FROM llm_calls").fetchall()[0][0] > 0
+        con.close()
 
         # a forced rerun rebuilds the same prompts: every answer comes from the cache
         n = len(srv.requests)
