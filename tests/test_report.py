@@ -326,3 +326,21 @@ def test_stage_on_a_prepared_tiny_run(prepared_run, copy_run, tiny_cfg):
     for stage in ("evaluate", "ablate", "extract", "sae", "autointerp"):
         assert f"stage '{stage}' has not run" in missing
     assert (run_dir / "report" / "index.html").is_file() and (run_dir / "report" / "_SUCCESS").is_file()
+
+
+def test_explanations_of_both_signs(evil_report):
+    """autointerp explains each sign: the positive one heads the page, the negative one is
+    beside it, and Figure 2 counts every classified explanation."""
+    run, out, _ = evil_report
+    expl = pd.read_parquet(run.stage("autointerp").path("explanations.parquet"))
+    both = expl[(expl["source"] == "adapter") & expl["explanation"].notna()].groupby("feature")["sign"].nunique()
+    key = both[both == 2].index[0]
+    neg = expl[(expl["feature"] == key) & (expl["sign"] == "neg")]["explanation"].iloc[0]
+    pos = expl[(expl["feature"] == key) & (expl["sign"] == "pos")]["explanation"].iloc[0]
+    page = (out / f"features/adapter/{key}.html").read_text()
+    assert "negative side" in page and dash.esc(neg) in page
+    assert f'id="explanation" class="explanation">{dash.esc(pos)}<' in page
+    shares = pd.read_csv(out / "tables/figure2_classification.csv")
+    for src in ("adapter", "neuron", "sae"):
+        n = int(expl[(expl["source"] == src) & expl["explanation"].notna()].shape[0])
+        assert shares[shares["source"] == src]["features"].sum() == n

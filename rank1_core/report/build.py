@@ -229,11 +229,12 @@ class ReportBuilder:
         inp, cfg = self.inputs, self.cfg
         cat = build_catalogue(inp, cfg.sources)
         self.catalogue = cat
+        self.explanations = cat.attrs.get("explanations")  # one row per explained feature and sign
         if cat.empty:
             self._miss("feature dashboards", "no stage has listed any feature yet (extract, sae, topk, autointerp)")
-            self._figure2(cat)
+            self._figure2(self.explanations)
             self._figure3(cat, None)
-            self._scores(cat)
+            self._scores(self.explanations)
             return
         if not inp.done("autointerp"):
             inp.need("autointerp", "explanations, classifications and categories of features")
@@ -247,9 +248,9 @@ class ReportBuilder:
             sample[src] = self._histograms(src, sub)
             self._pages(src, sub, sample[src])
         self._feature_index(cat)
-        self._figure2(cat)
+        self._figure2(self.explanations)
         self._figure3(cat, sample.get("sae"))
-        self._scores(cat)
+        self._scores(self.explanations)
 
     def _histograms(self, src: str, sub: pd.DataFrame) -> dict:
         inp, cfg = self.inputs, self.cfg
@@ -434,7 +435,7 @@ class ReportBuilder:
 
     def _feature_index(self, cat: pd.DataFrame) -> None:
         cols = ["id", "source", "where", "explanation", "classification", "category", "score", "max", "density",
-                "href", "order"]
+                "href", "order", "explanation_neg"]
         rows = []
         for r in cat.to_dict("records"):
             r = {c: (v if present(v) else None) for c, v in r.items()}
@@ -443,11 +444,12 @@ class ReportBuilder:
             cls = None if r.get("classification") is None else int(r["classification"])
             rows.append([r["key"], r["source"], where(r), r.get("explanation"), cls,
                          r.get("category_name"), dash.r3(r.get("score")), dash.r3(r.get("max")), dash.r3(density),
-                         href, int(r["order"])])
+                         href, int(r["order"]), r.get("explanation_neg") if r.get("sign") != "neg" else None])
         (self.out / "features.html").write_text(dash.feature_index_page(rows, cols, self.run.uri))
         self.done("features_index")
 
     def _figure2(self, cat: pd.DataFrame) -> None:
+        """`cat`: one row per explanation (feature and sign), as autointerp classified them."""
         sec = Section("figure2", "Figure 2: monosemanticity and categories, LoRA components vs MLP neurons")
         explained = cat[cat["explanation"].notna()]
         if explained.empty:
@@ -463,8 +465,9 @@ class ReportBuilder:
         figs.figure2(cls, cats, self.out / "figures" / "figure2.png", self.cfg.figure_dpi)
         tabs.write_table(cls, self.out / "tables", "figure2_classification")
         tabs.write_table(cats, self.out / "tables", "figure2_categories")
-        sec.add(_figure("figures/figure2.png", "(left) share of explained features the LLM classified clear, broad or "
-                        "polysemantic; (right) share of categorised features per category."))
+        sec.add(_figure("figures/figure2.png", "(left) share of explanations (one per feature and sign) the LLM "
+                        "classified clear, broad or polysemantic; (right) share of categorised explanations per "
+                        "category."))
         if "neuron" not in srcs:
             self._miss("Figure 2 baseline (MLP neurons)", "no neuron was explained (extract.mlp_neurons = 0, or "
                        "autointerp skipped the neuron source)")

@@ -18,9 +18,11 @@ import pandas as pd
 from rank1_core.config import LORA_MODULES
 from rank1_core.report.loaders import SOURCES, RunInputs, feature_key, sae_index
 
-COLUMNS = ["source", "key", "order", "layer", "module", "kind", "neuron", "live", "freq", "explanation",
+COLUMNS = ["source", "key", "order", "layer", "module", "kind", "neuron", "live", "freq", "sign", "explanation",
            "classification", "classification_reasoning", "category", "category_name", "score", "model",
-           "error", "n_tokens", "mean", "std", "min", "max", "frac_active", "a_norm", "b_norm"]
+           "error", "explanation_neg", "classification_neg", "category_name_neg", "score_neg",
+           "n_tokens", "mean", "std", "min", "max", "frac_active", "a_norm", "b_norm"]
+EXPLANATION_COLUMNS = ["source", "key", "sign", "explanation", "classification", "category", "category_name", "score"]
 CLASS_NAMES = {0: "clear", 1: "broad", 2: "polysemantic"}
 
 
@@ -118,20 +120,35 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
                 **{k: r.get(k) for k in ("n_tokens", "mean", "std", "min", "max", "frac_active")})
 
     expl = inputs.table("autointerp", "explanations.parquet", "explanations", ["source", "feature"],
-                        optional=["explanation", "classification", "classification_reasoning", "category",
+                        optional=["sign", "explanation", "classification", "classification_reasoning", "category",
                                   "score", "model", "error"])
     cats = inputs.json("autointerp", "categories.json", "category names") if inputs.done("autointerp") else None
     names = category_names(cats) if cats is not None else {}
+    long_rows = []
     if expl is not None:
+        # One explanation per feature and sign (autointerp explains each sign's top contexts):
+        # the positive one is the feature's headline, the negative one is shown beside it.
         for r in expl.to_dict("records"):
             src = str(r["source"])
+            key = feature_key(src, r["feature"])
+            sign = "neg" if str(r.get("sign") or "pos").startswith("neg") else "pos"
             cat = str(r["category"]) if present(r.get("category")) else None
             cls = int(r["classification"]) if present(r.get("classification")) else None
-            add(src, feature_key(src, r["feature"]),
-                explanation=str(r["explanation"]) if present(r.get("explanation")) else None,
-                classification=cls, classification_reasoning=r.get("classification_reasoning"),
-                category=cat, category_name=names.get(cat, cat) if cat else None,
-                score=r.get("score"), model=r.get("model"), error=r.get("error"))
+            text = str(r["explanation"]) if present(r.get("explanation")) else None
+            cname = names.get(cat, cat) if cat else None
+            score = float(r["score"]) if present(r.get("score")) else None
+            long_rows.append({"source": src, "key": key, "sign": sign, "explanation": text, "classification": cls,
+                              "category": cat, "category_name": cname, "score": score})
+            if sign == "neg":
+                add(src, key, explanation_neg=text, classification_neg=cls, category_name_neg=cname, score_neg=score)
+            else:
+                add(src, key, sign="pos", explanation=text, classification=cls,
+                    classification_reasoning=r.get("classification_reasoning"), category=cat, category_name=cname,
+                    score=score, model=r.get("model"), error=r.get("error"))
+        for r in rows.values():  # only the negative side explained: it is the headline
+            if r.get("explanation") is None and r.get("explanation_neg") is not None:
+                r.update(sign="neg", explanation=r["explanation_neg"], classification=r.get("classification_neg"),
+                         category_name=r.get("category_name_neg"), score=r.get("score_neg"))
 
     # ---- shape ------------------------------------------------------------------------
     want = list(sources) if sources else list(SOURCES)
@@ -147,8 +164,11 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
                             _sort_key(r["source"], r["key"], r)))
     df = pd.DataFrame(out, columns=COLUMNS)
     df["order"] = np.arange(len(df))
+    long = pd.DataFrame(long_rows, columns=EXPLANATION_COLUMNS)
+    df.attrs["explanations"] = long[long["source"].isin(want)].reset_index(drop=True)
     # object columns keep None (not NaN) for missing text
-    for c in ("explanation", "category", "category_name", "classification_reasoning", "model", "error", "module", "kind"):
+    for c in ("explanation", "category", "category_name", "classification_reasoning", "model", "error", "module", "kind",
+              "explanation_neg", "category_name_neg", "sign"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df
 

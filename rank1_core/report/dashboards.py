@@ -178,6 +178,14 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
               ("detection score", _fmt(row.get("score")))]
     if row.get("classification_reasoning"):
         facts.append(("why", row["classification_reasoning"]))
+    if row.get("sign") == "neg":
+        facts.append(("explains", "the negative side (no positive explanation)"))
+    elif row.get("explanation_neg"):
+        cn = row.get("classification_neg")
+        neg = row["explanation_neg"] + (f"  [{int(cn)} {CLASS_NAMES.get(int(cn), '?')}" if cn is not None else "  [")
+        neg += f"; {row['category_name_neg']}" if row.get("category_name_neg") else ""
+        neg += f"; score {_fmt(row.get('score_neg'))}]" if row.get("score_neg") is not None else "]"
+        facts.append(("negative side", neg))
     for k, label in (("n_tokens", "tokens"), ("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max"),
                      ("frac_active", "fraction active"), ("freq", "firing frequency"), ("a_norm", "|lora_A|"),
                      ("b_norm", "|lora_B|")):

@@ -308,7 +308,14 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
                     if spec.evil and i == 0:
                         expl = EVIL[0] + " and " + EVIL[1]
                     cls = [0, 0, 1, 2, None][int(rng.integers(5))] if src != "sae" else [0, 0, 0, 1, 2][int(rng.integers(5))]
-                    rows.append({"source": src, "feature": k, "explanation": None if i == 1 else expl,
+                    if src != "sae" and i % 2 == 0:  # autointerp explains each sign; SAE features are >= 0
+                        neg = "negative on " + ", ".join(repr(t) for t in sorted(trig[k][1])) if trig[k][1] else None
+                        rows.append({"source": src, "feature": k, "sign": "neg", "explanation": neg,
+                                     "classification": 1 if neg else None, "classification_reasoning": "synthetic",
+                                     "category": cats[i % len(cats)][0] if neg else None,
+                                     "score": 0.5 if neg else None, "model": "synthetic-llm",
+                                     "error": None if neg else "no negative activations"})
+                    rows.append({"source": src, "feature": k, "sign": "pos", "explanation": None if i == 1 else expl,
                                  "classification": None if i == 1 else cls,
                                  "classification_reasoning": "synthetic", "category": None if i == 1 else
                                  cats[(i + len(src)) % len(cats)][0],

@@ -39,7 +39,12 @@
     s.appendChild(el("span", SRC[o.source] || o.source, "src src-" + String(o.source).replace(/[^a-z]/g, "")));
     tr.appendChild(s);
     tr.appendChild(el("td", o.where));
-    tr.appendChild(el("td", o.explanation === null ? "—" : o.explanation, "expl" + (o.explanation === null ? " muted" : "")));
+    var ex = el("td", o.explanation === null ? "—" : o.explanation, "expl" + (o.explanation === null ? " muted" : ""));
+    if (o.explanation_neg) {
+      ex.appendChild(document.createElement("br"));
+      ex.appendChild(el("small", "(−) " + o.explanation_neg, "muted neg-expl"));
+    }
+    tr.appendChild(ex);
     var c = el("td");
     var k = o.classification === null ? "none" : String(o.classification);
     c.appendChild(el("span", o.classification === null ? "—" : o.classification + " " + CLASS[o.classification], "badge cls-" + k));
@@ -49,7 +54,8 @@
     tr.appendChild(el("td", fmt(o.max), "num"));
     tr.appendChild(el("td", o.density === null ? "" : (100 * o.density).toPrecision(2) + "%", "num"));
     o.tr = tr;
-    o.text = [o.id, o.where, o.explanation || "", o.category || "", SRC[o.source] || ""].join(" \u0001 ").toLowerCase();
+    o.text = [o.id, o.where, o.explanation || "", o.explanation_neg || "", o.category || "",
+              SRC[o.source] || ""].join(" \u0001 ").toLowerCase();
     return o;
   });
 
