@@ -1,9 +1,10 @@
 -- topk_hits: the $k strongest activations of each feature for both signs, at most
 -- $max_per_doc of them from one document, with the feature's values around each hit.
 --
--- Only documents that can hold a hit are read again: $k documents each offer their own
--- maximum, so no hit lies below the $k-th largest per-document maximum (likewise for the
--- minimum); a document whose maximum is below it holds no hit.
+-- Pruning (exact): $k documents each offer their own maximum as a hit candidate, so no hit
+-- lies below t_pos, the $k-th largest per-document maximum (likewise above t_neg for the
+-- minimum). Only values beyond those thresholds, in documents that reach them, are ranked;
+-- the feature is read a second time for them and a third time for the hits' windows.
 --
 -- views:  feature_values(feature VARCHAR, doc_id BIGINT, pos INTEGER, value FLOAT)
 --           dense, or sparse (unstored values are zero)
@@ -30,22 +31,27 @@ candidate_docs AS (
     SELECT
         s.feature,
         s.doc_id,
+        t.t_pos,
+        t.t_neg,
         s.hi > 0 AND s.hi >= t.t_pos AS for_pos,
         s.lo < 0 AND s.lo <= t.t_neg AS for_neg
     FROM doc_summary AS s JOIN thresholds AS t USING (feature)
     WHERE (s.hi > 0 AND s.hi >= t.t_pos) OR (s.lo < 0 AND s.lo <= t.t_neg)
 ),
-doc_rows AS MATERIALIZED (
-    SELECT v.feature, v.doc_id, v.pos, v.value, c.for_pos, c.for_neg
+strong AS (
+    -- by the same argument no hit lies below t_pos (above t_neg): only these rows can be hits
+    SELECT v.feature, v.doc_id, v.pos, v.value, c.for_pos, c.for_neg, c.t_pos, c.t_neg
     FROM feature_values AS v
     JOIN candidate_docs AS c ON v.feature = c.feature AND v.doc_id = c.doc_id
+    WHERE (c.for_pos AND v.value > 0 AND v.value >= c.t_pos)
+       OR (c.for_neg AND v.value < 0 AND v.value <= c.t_neg)
 ),
 signed AS (
     SELECT 'pos' AS sign, feature, doc_id, pos, value, value AS strength
-    FROM doc_rows WHERE for_pos AND value > 0
+    FROM strong WHERE for_pos AND value > 0 AND value >= t_pos
     UNION ALL
     SELECT 'neg' AS sign, feature, doc_id, pos, value, -value AS strength
-    FROM doc_rows WHERE for_neg AND value < 0
+    FROM strong WHERE for_neg AND value < 0 AND value <= t_neg
 ),
 capped AS (
     SELECT * FROM signed
@@ -61,12 +67,12 @@ hits AS (
 windows AS (
     SELECT
         h.feature, h.sign, h.rank, h.doc_id, h.pos, h.value,
-        list(r.pos ORDER BY r.pos) AS window_pos,
-        list(r.value ORDER BY r.pos) AS window_values
+        list(v.pos ORDER BY v.pos) AS window_pos,
+        list(v.value ORDER BY v.pos) AS window_values
     FROM hits AS h
-    JOIN doc_rows AS r
-      ON r.feature = h.feature AND r.doc_id = h.doc_id
-     AND r.pos BETWEEN h.pos - $before AND h.pos + $after
+    JOIN feature_values AS v
+      ON v.feature = h.feature AND v.doc_id = h.doc_id
+     AND v.pos BETWEEN h.pos - $before AND h.pos + $after
     GROUP BY h.feature, h.sign, h.rank, h.doc_id, h.pos, h.value
 ),
 final AS (
