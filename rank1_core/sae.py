@@ -98,7 +98,8 @@ def activation_files(fs: Optional[pafs.FileSystem], directory: str) -> list[str]
     """Sorted Parquet files of an activation directory."""
     fs = _fs(fs)
     infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not i.base_name.startswith((".", "_")))  # no temporary or hidden files
     if not files:
         raise SAEInputError(f"no activation Parquet files in {directory}")
     return files
@@ -518,6 +519,13 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU for nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     """Linear warm-up over `warmup` steps, constant, linear decay to 0 over the last
     `decay_frac` of `total` steps (`step` counts from 0)."""
@@ -718,11 +726,12 @@ class EncodeStats:
             return
         vec = np.concatenate([[self.tokens, self.sse_n, self.sse_raw, self.rows_written], self.count,
                               self.act_sum, self.sum_n, self.sq_n, self.sum_raw, self.sq_raw]).astype(np.float64)
-        t = torch.from_numpy(vec)
+        dev = _comm_device()
+        t = torch.from_numpy(vec).to(dev)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        mx = torch.from_numpy(self.act_max.copy())
+        mx = torch.from_numpy(self.act_max.copy()).to(dev)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        v = t.numpy()
+        v = t.cpu().numpy()
         self.tokens, self.sse_n, self.sse_raw, self.rows_written = int(v[0]), float(v[1]), float(v[2]), int(v[3])
         o, S, D = 4, self.d_sae, self.d_in
         self.count = v[o:o + S].round().astype(np.int64); o += S
@@ -731,7 +740,7 @@ class EncodeStats:
         self.sq_n = v[o:o + D]; o += D
         self.sum_raw = v[o:o + D]; o += D
         self.sq_raw = v[o:o + D]
-        self.act_max = mx.numpy()
+        self.act_max = mx.cpu().numpy()
 
     def summary(self, live: np.ndarray) -> dict:
         n = max(self.tokens, 1)
