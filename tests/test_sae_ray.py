@@ -85,3 +85,26 @@ def test_ray_data_loader_matches_local_order(tiny_cfg, ray_session, tmp_path):
     local = tmp_path / "local"
     train_local(cfg.sae, StageInputs.from_extract(None, str(run / "extract")), str(local), seed=cfg.run.seed)
     assert_same_outputs(run / "sae", local)
+
+
+def test_two_workers_encode_every_token(tiny_cfg, ray_session, tmp_path):
+    """Data-parallel: each worker trains on its share (gradients averaged) and encodes its files."""
+    from ray_jobs import sae
+
+    run = tmp_path / "run"
+    write_extract_stage(run, tokens=2000, files=3)
+    cfg = tiny_cfg("sae.num_workers=2", "sae.epochs=2", run_dir=run)
+    ex = sae.run(cfg)["extra"]
+    # pyarrow loader: worker 0 reads files 0 and 2 (1333 tokens), worker 1 file 1 (667 tokens);
+    # both stop at the smaller share: 667 // 64 = 10 steps per epoch
+    assert ex["train_steps"] == 20 and ex["train_tokens"] == 20 * 128
+    assert ex["tokens"] == 2000 and ex["fvu"] < 1.0
+    names = sorted(p.name for p in (run / "sae" / "features").glob("*.parquet"))
+    assert names == ["part-r000-00000.parquet", "part-r001-00000.parquet"]
+    feats = pq.read_table(run / "sae" / "features")
+    assert feats.num_rows == ex["feature_rows"]
+    lat = pq.read_table(run / "sae" / "latents.parquet").to_pylist()
+    assert sum(r["count"] for r in lat if r["live"]) == feats.num_rows
+    docs = {(d, p) for d, p in zip(feats.column("doc_id").to_pylist(), feats.column("pos").to_pylist())}
+    # every file is encoded (file i holds doc ids from 1000 * i on)
+    assert {d // 1000 for d, _ in docs} == {0, 1, 2}
