@@ -236,8 +236,6 @@ class ReportBuilder:
             self._figure3(cat, None)
             self._scores(self.explanations)
             return
-        if not inp.done("autointerp"):
-            inp.need("autointerp", "explanations, classifications and categories of features")
         if not inp.done("topk"):
             inp.need("topk", "top-64 contexts on feature pages")
         sample: dict[str, dict] = {}
@@ -386,7 +384,7 @@ class ReportBuilder:
             row = {c: (v if present(v) else None) for c, v in row.items()}
             row["where"] = where(row)
             vocab: dict[str, int] = {}
-            maxabs = 0.0
+            maxpos = maxneg = 0.0
             sides = {}
             for sign in ("pos", "neg"):
                 out = []
@@ -397,9 +395,11 @@ class ReportBuilder:
                     hi_ = len(toks) if ca is None else min(len(toks), hit + ca + 1)
                     toks, vals = toks[lo:hi_], [0.0 if v is None else v for v in vals[lo:hi_]]
                     ids = [vocab.setdefault("" if t is None else str(t), len(vocab)) for t in toks]
-                    if vals:
-                        maxabs = max(maxabs, float(np.max(np.abs(vals))))
-                    maxabs = max(maxabs, abs(float(r["value"] or 0.0)))
+                    for v in [*vals, float(r["value"] or 0.0)]:
+                        if v > maxpos:
+                            maxpos = v
+                        elif -v > maxneg:
+                            maxneg = -v
                     out.append([int(r["doc_id"]), int(r["pos"]), dash.r3(r["value"]), hit - lo,
                                 int(r["pos"]) - (hit - lo), ids, dash.r3_list(vals)])
                 sides[sign] = out
@@ -408,10 +408,11 @@ class ReportBuilder:
                 w = windows[k]
                 v = tvals[k]
                 if len(v):
-                    maxabs = max(maxabs, float(np.max(np.abs(v))))
+                    maxpos, maxneg = max(maxpos, float(v.max())), max(maxneg, float(-v.min()))
                 trace = {"doc": w.doc, "start": w.start, "end": w.end, "total": w.total, "hit": w.hit,
                          "vals": dash.r3_list(v)}
-            data = {"id": k, "source": src, "maxabs": dash.r3(maxabs) or 0, "toks": list(vocab),
+            data = {"id": k, "source": src, "maxpos": dash.r3(maxpos) or 0, "maxneg": dash.r3(maxneg) or 0,
+                    "maxabs": dash.r3(max(maxpos, maxneg)) or 0, "toks": list(vocab),
                     "pos": sides["pos"], "neg": sides["neg"], "trace": trace, "hist_tokens": sample.get("tokens", 0)}
             if hist is not None and k in sample["row"]:
                 j = sample["row"][k]
@@ -423,6 +424,9 @@ class ReportBuilder:
             script = f"traces/d{trace['doc']}.js" if trace else None
             (pdir / f"{names[i]}.html").write_text(dash.feature_page(row, data, hist_html, nav, script))
             self.on_page(1)
+        if inp.done("topk") and not ctx and records:
+            self._miss(f"top contexts of {src} features", f"topk/contexts.parquet has none for source '{src}'"
+                       + (" (topk ran before sae finished? rerun topk)" if src == "sae" else ""))
         self.result.pages[src] = len(records)
         self.log(f"[report] {src}: {len(records)} feature pages ({len(ctx)} with contexts, {len(windows)} with traces)")
 

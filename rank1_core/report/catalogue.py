@@ -119,7 +119,8 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
             add(src, feature_key(src, r["feature"]),
                 **{k: r.get(k) for k in ("n_tokens", "mean", "std", "min", "max", "frac_active")})
 
-    expl = inputs.table("autointerp", "explanations.parquet", "explanations", ["source", "feature"],
+    expl = inputs.table("autointerp", "explanations.parquet", "feature explanations, classifications and categories",
+                        ["source", "feature"],
                         optional=["sign", "explanation", "classification", "classification_reasoning", "category",
                                   "score", "model", "error"])
     cats = inputs.json("autointerp", "categories.json", "category names") if inputs.done("autointerp") else None

@@ -212,8 +212,8 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
 <figure class="histogram"><figcaption>activation histogram (sample of {esc(data.get("hist_tokens", 0))} tokens{'; tokens where the feature fires' if src == 'sae' else ''})</figcaption>{hist_html}</figure>
 </div>
 <p class="legend">Token colour: <span class="swatch pos">positive</span> <span class="swatch neg">negative</span>,
-intensity = |activation| / max |activation| on this page ({esc(_fmt(data.get("maxabs")))}); hover a token for its value;
-the outlined token is the hit.</p>
+intensity = activation / the largest activation of its sign on this page (+{esc(_fmt(data.get("maxpos")))},
+−{esc(_fmt(data.get("maxneg")))}); hover a token for its value; the outlined token is the hit.</p>
 <section class="contexts">
 <div><h2>Top positive activations <small id="n-pos"></small></h2><ol id="ctx-pos" class="ctx-list"></ol></div>
 <div><h2>Top negative activations <small id="n-neg"></small></h2><ol id="ctx-neg" class="ctx-list"></ol></div>

@@ -5,7 +5,10 @@
 (function () {
   "use strict";
   var d = JSON.parse(document.getElementById("feature-data").textContent);
-  var maxabs = d.maxabs > 0 ? d.maxabs : 1;
+  // each sign is scaled by its own largest value on the page, so weak positive hits stay
+  // visible beside strong negative ones (and the other way round)
+  var maxpos = d.maxpos > 0 ? d.maxpos : (d.maxabs > 0 ? d.maxabs : 1);
+  var maxneg = d.maxneg > 0 ? d.maxneg : (d.maxabs > 0 ? d.maxabs : 1);
   var toks = d.toks || [];
 
   function shown(t) {
@@ -17,7 +20,7 @@
   }
   function colour(v) {
     if (!v) return "";
-    var a = Math.min(1, Math.abs(v) / maxabs);
+    var a = Math.min(1, v > 0 ? v / maxpos : -v / maxneg);
     a = Math.pow(a, 0.8) * 0.88;
     if (a < 0.02) return "";
     return (v > 0 ? "rgba(234, 88, 12, " : "rgba(28, 126, 214, ") + a.toFixed(3) + ")";
