@@ -1002,6 +1002,109 @@ class ReportConfig:
                 raise ConfigError(f"report.{name} must be >= 0 or null, got {v!r}")
 
 
+STEER_MODES = ("scale", "set", "add")
+
+
+@dataclass
+class SteerConfig:
+    """Steering: does pushing one adapter direction cause what it fires on? A component's
+    lora_A output is scaled, set or shifted (or an SAE feature's decoder direction added to
+    the whole adapter state) while the model generates; random directions of equal norm are
+    the control. Per alpha: hesitation rate, length, accuracy and KL from the unsteered model."""
+
+    components: list[str] = field(default_factory=list)
+    """Components steered by name (`L03_gate_proj`); each must be in the trained adapter."""
+    sae_features: list[str] = field(default_factory=list)
+    """SAE features steered by name (`F00012`); each must be live (sae/latents.parquet)."""
+    auto_components: int = 2
+    """Also steer this many components with the most hesitation contexts among their top
+    positive contexts (topk/contexts.parquet); 0: none."""
+    auto_sae_features: int = 0
+    """The same for SAE features (needs a topk stage run after sae); 0: none."""
+    auto_offsets: list[int] = field(default_factory=lambda: [0, 1])
+    """A top context counts as a hesitation context when a hesitation word starts at one of
+    these offsets from the hit token (0: the hit token itself; 1: the next token, i.e. the
+    direction fires just before the model writes "Wait")."""
+    hesitation_tokens: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
+    """Hesitation words: counted as whole words (case-sensitive) in the generated text, and
+    matched at the start of context tokens for the automatic choice."""
+    modes: list[Literal["scale", "set", "add"]] = field(default_factory=lambda: ["scale"])
+    """How components are steered: scale (lora_A output x alpha: 1 = unsteered, 0 = ablated),
+    set (output := alpha x typical), add (output + alpha x typical); typical = the component's
+    RMS over every token (topk/stats.parquet). SAE features are always steered with add
+    (alpha x their mean activation when firing x their decoder direction)."""
+    alphas: list[float] = field(default_factory=lambda: [-100.0, -10.0, 0.0, 1.0, 10.0, 50.0, 100.0])
+    """Steering strengths swept for every target and mode (the paper saw effects only above ~50x)."""
+    after: Optional[int] = None
+    """Steer only tokens at least this many positions after the end of the prompt (0: every
+    generated token); None: every token, the prompt included."""
+    random_seeds: int = 3
+    """Random directions (one per seed, shared by all targets) steered with the same per-token
+    perturbation norm as each target and alpha: the control band. 0: no control."""
+    random_space: Literal["raw", "normalized"] = "raw"
+    """Random directions drawn uniformly in the raw adapter-state space (every component's
+    lora_A output), or in units of each component's RMS (then mapped back; same raw norm)."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Prepared benchmarks (data.benchmarks) whose prompts are steered; empty: all of them."""
+    limit: int = 16
+    """First N problems of each benchmark."""
+    max_new_tokens: int = 128
+    """Token budget of one response (greedy decoding)."""
+    batch_size: int = 8
+    """Prompts generated together (one work unit is one condition on one batch of prompts)."""
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Weights dtype. None: model.dtype."""
+    actors: int = 1
+    """Ray actors, each holding the model with the adapter; work units are spread across them."""
+    actor_cpus: float = 1.0
+    """Logical CPUs Ray reserves per actor."""
+    threads: int = 0
+    """torch threads per actor (0: every core of the machine)."""
+    tail_chars: int = 300
+    """Characters graded when a response never writes model.answer_marker."""
+    figure_dpi: int = 110
+    """Resolution of the per-feature PNG figures."""
+
+    def __post_init__(self) -> None:
+        import re as _re
+
+        for name in ("auto_components", "auto_sae_features", "random_seeds", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"steer.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("limit", "max_new_tokens", "batch_size", "actors", "tail_chars", "figure_dpi"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"steer.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.actor_cpus <= 0:
+            raise ConfigError(f"steer.actor_cpus must be > 0, got {self.actor_cpus!r}")
+        for c in self.components:
+            if not _re.fullmatch(r"L\d+_(q|k|v|o|gate|up|down)_proj", c):
+                raise ConfigError(f"steer.components: {c!r} is not a component name (e.g. L03_gate_proj)")
+        for f in self.sae_features:
+            if not _re.fullmatch(r"F\d{5,}", f):
+                raise ConfigError(f"steer.sae_features: {f!r} is not an SAE feature name (e.g. F00012)")
+        for key in ("components", "sae_features", "modes", "alphas"):
+            v = getattr(self, key)
+            dup = sorted({x for x in v if v.count(x) > 1}, key=str)
+            if dup:
+                raise ConfigError(f"steer.{key} lists {dup} more than once")
+        if not self.modes:
+            raise ConfigError("steer.modes must name at least one of scale, set, add")
+        if not self.alphas:
+            raise ConfigError("steer.alphas must not be empty")
+        if any(x != x or abs(x) == float("inf") for x in self.alphas):
+            raise ConfigError(f"steer.alphas must be finite numbers, got {self.alphas!r}")
+        if not self.hesitation_tokens or any(not w.strip() or w != w.strip() for w in self.hesitation_tokens):
+            raise ConfigError("steer.hesitation_tokens must be non-empty words without surrounding spaces, "
+                              f"got {self.hesitation_tokens!r}")
+        if not self.auto_offsets or any(o < 0 for o in self.auto_offsets):
+            raise ConfigError(f"steer.auto_offsets must be a non-empty list of offsets >= 0, got {self.auto_offsets!r}")
+        if self.after is not None and self.after < 0:
+            raise ConfigError(f"steer.after must be >= 0 or null (every token), got {self.after!r}")
+        if not (self.components or self.sae_features or self.auto_components or self.auto_sae_features):
+            raise ConfigError("steer: nothing to steer: set steer.components, steer.sae_features, "
+                              "steer.auto_components or steer.auto_sae_features")
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -1022,6 +1125,7 @@ class Config:
     ablate: AblateConfig = field(default_factory=AblateConfig)
     autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     """Stages `rank1 run` runs, in order."""
     source: Optional[str] = None
@@ -1049,6 +1153,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "sae": ("sae",),
     "autointerp": ("autointerp",),
     "report": ("report",),
+    "steer": ("model", "steer"),
 }
 
 
