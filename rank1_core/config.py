@@ -1105,6 +1105,202 @@ class SteerConfig:
                               "steer.auto_components or steer.auto_sae_features")
 
 
+TRANSCODER_SUBSECTIONS = ("extract", "hesitation", "eval")
+
+
+@dataclass
+class TranscoderExtractSection:
+    """Stage `transcoder_extract`: every token's adapter features, in the SAE's sparse layout."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "heldout"])
+    """Splits of prepare/tokens to encode; keep them equal to extract.splits, so topk's token
+    table (extract/tokens) covers exactly the tokens the features were measured on."""
+    actors: int = 1
+    """Ray Data actors; each loads the base model and the adapters once."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs each actor reserves."""
+    torch_threads: Optional[int] = None
+    """torch threads per actor (None: cpus_per_actor rounded up)."""
+    batch_docs: int = 16
+    """Documents per Ray Data batch (one Parquet file per batch)."""
+    batch_tokens: int = 4096
+    """Padded tokens per forward pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "batch_docs", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transcoder.extract.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError(f"transcoder.extract.cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"transcoder.extract.torch_threads must be >= 1 or null, got {self.torch_threads!r}")
+        bad = [s for s in self.splits if s not in ("train", "heldout")]
+        if bad or not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ConfigError("transcoder.extract.splits must be a non-empty subset of ['train', 'heldout'], "
+                              f"got {self.splits!r}")
+
+
+@dataclass
+class TranscoderHesitationSection:
+    """Which adapter features count as hesitation features (their top contexts are hesitation
+    tokens), for the ablation experiment of stage `transcoder_eval`."""
+
+    words: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
+    """Hesitation words; a token matches when its letters, lower-cased, equal one of them."""
+    match: Literal["token", "next", "either"] = "either"
+    """A top context counts when the token at the hit is a hesitation word (token), the token
+    after it is (next: the feature fires where the model is about to hesitate), or either."""
+    contexts: int = 16
+    """Top positive contexts per feature inspected (at most one per document)."""
+    min_share: float = 0.5
+    """A feature is a hesitation feature when at least this share of its top contexts match."""
+    min_contexts: int = 4
+    """...and it has at least this many top contexts (rarely firing features are left out)."""
+    max_features: int = 0
+    """Ablate at most this many (the highest shares first; 0: every one found)."""
+    random_control: bool = True
+    """Also ablate as many random live non-hesitation features (seeded): a control variant."""
+
+    def __post_init__(self) -> None:
+        if not self.words or any(not any(c.isalpha() for c in w) for w in self.words):
+            raise ConfigError(f"transcoder.hesitation.words must be non-empty words, got {self.words!r}")
+        if not 1 <= self.contexts <= 1000:
+            raise ConfigError(f"transcoder.hesitation.contexts must be in [1, 1000], got {self.contexts!r}")
+        if not 0.0 < self.min_share <= 1.0:
+            raise ConfigError(f"transcoder.hesitation.min_share must be in (0, 1], got {self.min_share!r}")
+        if not 1 <= self.min_contexts <= self.contexts:
+            raise ConfigError(f"transcoder.hesitation.min_contexts must be in [1, contexts={self.contexts}], "
+                              f"got {self.min_contexts!r}")
+        if self.max_features < 0:
+            raise ConfigError(f"transcoder.hesitation.max_features must be >= 0, got {self.max_features!r}")
+
+
+@dataclass
+class TranscoderEvalSection:
+    """Stage `transcoder_eval`: the benchmarks of `evaluate` (same problems, limit, sampling and
+    token budget) with the adapters on, and with the hesitation features ablated."""
+
+    reference: Literal["evaluate", "generate"] = "evaluate"
+    """Where the base and target scores (for the recovered gain) come from: the evaluate
+    stage's summary (done with variants base and full; needs transcoder.target train_full), or
+    generated here with the same transformers engine as the adapter variants."""
+    batch_size: int = 16
+    """Prompts per generate() call."""
+    actors: int = 1
+    """Generation actors (Ray Data); each holds the base model with the adapters."""
+    actor_cpus: float = 1.0
+    """Logical CPUs Ray reserves per actor."""
+    threads: int = 0
+    """torch threads per actor (0: every core)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transcoder.eval.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.actor_cpus <= 0:
+            raise ConfigError(f"transcoder.eval.actor_cpus must be > 0, got {self.actor_cpus!r}")
+        if self.threads < 0:
+            raise ConfigError(f"transcoder.eval.threads must be >= 0, got {self.threads!r}")
+
+
+@dataclass
+class TranscoderConfig:
+    """Transcoder adapters (paper/transcoder-adapters-abstract.md): per MLP layer a sparse branch
+    reading the MLP's input, TopK(k) over expansion x hidden latents, whose output is added to
+    the frozen base MLP's output; trained (stage `transcoder`) so that base + adapters matches
+    a fine-tuned target: each MLP's reconstruction + KL of the next-token distribution + a
+    sparsity term. Stages transcoder_extract and transcoder_eval read the subsections below;
+    a change there does not retrain the adapters."""
+
+    target: str = "train_full"
+    """The fine-tuned model of the pair: `train_full` (that stage's model) or a model
+    directory / built-in name. The base is model.name."""
+    layers: Optional[list[int]] = None
+    """Decoder layers given an adapter (0-based). None: every layer."""
+    expansion: int = 4
+    """Latents per layer = expansion x hidden size."""
+    k: int = 32
+    """Active latents per token and layer (TopK)."""
+    recon: Literal["difference", "output"] = "difference"
+    """Reconstruction target of a layer's branch: `difference` = target MLP minus base MLP on
+    the adapted model's own MLP input; `output` = the target model's MLP output (in its own
+    forward) minus the base MLP's. Both normalised by the target's variance (an FVU)."""
+    positions: Literal["all", "assistant"] = "all"
+    """Tokens the losses cover: every token, or only the assistant turn (loss_mask)."""
+    recon_coef: float = 1.0
+    """Weight of the mean per-layer normalised reconstruction error."""
+    kl_coef: float = 1.0
+    """Weight of KL(target || base + adapters) of the next-token distribution (nats per token)."""
+    sparsity_coef: float = 0.0
+    """Weight of the sparsity term: mean over tokens of sum over layers and active latents of
+    z_i * ||W_dec[i]|| (TopK already bounds L0; this shrinks what the active latents write)."""
+    init_tokens: int = 8192
+    """Training tokens used to centre each layer's encoder input (its mean, fitted at step 0)."""
+    lr: float = 1e-3
+    """Adam learning rate (peak)."""
+    epochs: int = 1
+    """Passes over the training traces."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: every epoch)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up, to 0 at the last step."""
+    warmup_ratio: float = 0.05
+    """Share of steps with a linear warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0: off)."""
+    batch_tokens: int = 2048
+    """Padded tokens of one micro-batch per worker (traces x longest trace)."""
+    grad_accum: int = 1
+    """Micro-batches per worker per optimizer step."""
+    precision: Literal["float32", "bf16_autocast"] = "float32"
+    """Matmuls of both models' forward passes (weights, adapters and losses stay fp32)."""
+    num_workers: int = 1
+    """Ray Train workers (DDP over gloo on CPU, nccl on GPU)."""
+    cpus_per_worker: int = 2
+    """CPUs (and torch threads) per worker."""
+    gpus_per_worker: int = 0
+    """GPUs per worker."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints (0: at the end of every epoch)."""
+    keep_checkpoints: int = 2
+    """Ray Train checkpoints kept."""
+    max_failures: int = 2
+    """Worker failures a run recovers from (from its last checkpoint)."""
+    heldout_docs: int = 0
+    """Held-out traces the faithfulness numbers are measured on (0: all)."""
+    extract: TranscoderExtractSection = field(default_factory=TranscoderExtractSection)
+    """Stage transcoder_extract."""
+    hesitation: TranscoderHesitationSection = field(default_factory=TranscoderHesitationSection)
+    """Hesitation features (found by transcoder_extract, ablated by transcoder_eval)."""
+    eval: TranscoderEvalSection = field(default_factory=TranscoderEvalSection)
+    """Stage transcoder_eval."""
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ConfigError("transcoder.target must be 'train_full' or a model directory, got ''")
+        for name in ("expansion", "k", "epochs", "batch_tokens", "grad_accum", "num_workers", "cpus_per_worker",
+                     "keep_checkpoints", "init_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transcoder.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_steps", "gpus_per_worker", "checkpoint_every", "heldout_docs", "max_failures",
+                     "recon_coef", "kl_coef", "sparsity_coef", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"transcoder.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.recon_coef == 0 and self.kl_coef == 0:
+            raise ConfigError("transcoder.recon_coef and transcoder.kl_coef are both 0: nothing to train on")
+        if not self.lr > 0:
+            raise ConfigError(f"transcoder.lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"transcoder.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("transcoder.layers must be null (every layer) or a non-empty list")
+            if any(i < 0 for i in self.layers):
+                raise ConfigError(f"transcoder.layers: negative layer index in {self.layers!r}")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"transcoder.layers has duplicates: {self.layers!r}")
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -1126,6 +1322,7 @@ class Config:
     autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     """Stages `rank1 run` runs, in order."""
     source: Optional[str] = None
@@ -1153,6 +1350,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "sae": ("sae",),
     "autointerp": ("autointerp",),
     "report": ("report",),
+    "transcoder": ("model", "transcoder"),
+    "transcoder_extract": ("model", "transcoder"),
+    "transcoder_eval": ("model", "evaluate", "transcoder"),
     "steer": ("model", "steer"),
 }
 
