@@ -60,6 +60,7 @@ def plain_loop(cfg, model_dir, num_layers, docs, pad_id, steps: int, warmup: int
         opt.zero_grad(set_to_none=True)
         walls.append(time.time())
         toks.append(int(att.sum()))
+        print(f"  plain step {len(walls)}/{len(mbs)}: {toks[-1]} tokens, loss {float(s.detach()) / int(n):.4f}", flush=True)
     return sum(toks[warmup + 1:]) / (walls[-1] - walls[warmup])
 
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         ray_total = sum(r["tokens"] for r in rows) / ray_wall
         print("\n| path | tokens/s |\n|---|---|")
         print(f"| plain single-process peft loop (mean of 2) | {plain:.1f} |")
-        print(f"| Ray Train (1 worker x 2 CPUs), steady state | {ray_tps:.1f} |")
+        print(f"| Ray Train (1 worker x {cfg.train.cpus_per_worker} CPUs), steady state | {ray_tps:.1f} |")
         print(f"| Ray Train incl. start-up ({ray_wall:.0f} s for {len(rows)} steps) | {ray_total:.1f} |")
         print(f"\nratio Ray / plain (steady state): {ray_tps / plain:.2f}  (target >= 0.80)")
     finally:

@@ -99,6 +99,24 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tiny_cfg, prepared_run
 
 
 @pytest.mark.slow
+def test_a_crashed_stage_resumes_from_its_checkpoints_when_run_again(tiny_cfg, prepared_run, copy_run, ray_session,
+                                                                     monkeypatch, tmp_path):
+    """No retries: the worker's death fails the stage (no success marker); running the stage
+    again with the same config continues from the checkpoint of step 2."""
+    from ray_jobs import train
+
+    run_dir = copy_run(prepared_run)
+    cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.max_failures=0", run_dir=run_dir)
+    monkeypatch.setenv(train.FAIL_ENV, f"3:{tmp_path / 'killed'}")
+    with pytest.raises(Exception, match="(?i)worker|fail"):
+        train.run(cfg)
+    assert not (run_dir / "train" / "_SUCCESS").exists()
+    monkeypatch.delenv(train.FAIL_ENV)
+    m = train.run(cfg)
+    assert m["extra"]["resumed_from"] == [2] and m["rows"]["steps"] == 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_deepspeed_on_cpu_saves_a_non_empty_adapter_that_reloads_to_the_same_loss(
         strategy, tiny_cfg, prepared_run, copy_run, ray_session):
