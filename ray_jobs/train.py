@@ -126,7 +126,8 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
     """Run the `train` (mode lora) or `train_full` (mode full) stage."""
     from rank1_core.lora import check_adapter, validate_for_model
     from rank1_core.models import resolve_model_dir
-    from rank1_core.train import deepspeed_config, settings
+    from rank1_core.config import ConfigError
+    from rank1_core.train import TrainError, deepspeed_config, settings
 
     name = stage_name(mode)
     tc = cfg.train
@@ -134,7 +135,10 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
     # Everything that can be wrong with the config fails here, before Ray or any stage I/O.
     num_layers = validate_for_model(tc, cfg.model, mode)
     if st.strategy != "ddp":
-        deepspeed_config(tc, st.strategy, tc.num_workers)
+        try:
+            deepspeed_config(tc, st.strategy, tc.num_workers)
+        except TrainError as e:
+            raise ConfigError(str(e)) from None
     model_dir = resolve_model_dir(cfg.model)
 
     def body(sr):
