@@ -1233,9 +1233,11 @@ class TranscoderConfig:
     """Weight of KL(target || base + adapters) of the next-token distribution (nats per token)."""
     sparsity_coef: float = 0.0
     """Weight of the sparsity term: mean over tokens of sum over layers and active latents of
-    z_i * ||W_dec[i]|| (TopK already bounds L0; this shrinks what the active latents write)."""
+    z_i * ||W_dec[i]|| in each branch's normalised units (TopK already bounds L0; this shrinks
+    what the active latents write)."""
     init_tokens: int = 8192
-    """Training tokens used to centre each layer's encoder input (its mean, fitted at step 0)."""
+    """Training tokens used before step 0 to fit each branch's normalisation: its input's mean and
+    RMS, and the RMS of the MLP difference it learns (its output scale)."""
     lr: float = 1e-3
     """Adam learning rate (peak)."""
     epochs: int = 1

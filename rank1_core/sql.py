@@ -52,6 +52,15 @@ VIEWS: dict[str, tuple[str, str]] = {
     # ablate
     "kl_components": ("ablate", "kl_components.parquet"),
     "kl_layers": ("ablate", "kl_layers.parquet"),
+    # transcoder adapters (transcoder, transcoder_extract, transcoder_eval)
+    "transcoder_metrics": ("transcoder", "metrics.parquet"),
+    "transcoder_layers": ("transcoder", "faithfulness_layers.parquet"),
+    "transcoder_features": ("transcoder_extract", "features/*.parquet"),
+    "transcoder_tokens": ("transcoder_extract", "tokens/*.parquet"),
+    "transcoder_latents": ("transcoder_extract", "latents.parquet"),
+    "transcoder_hesitation": ("transcoder_extract", "hesitation_features.parquet"),
+    "transcoder_eval_samples": ("transcoder_eval", "samples.parquet"),
+    "transcoder_eval_summary": ("transcoder_eval", "summary.parquet"),
 }
 
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
