@@ -181,7 +181,7 @@ class _Buffer:
     def add(self, chunk: dict[str, np.ndarray]) -> None:
         m = len(chunk["doc_id"])
         if self.arrays is None:
-            self.arrays = {k: np.empty((max(self.capacity, m) * 2,) + v.shape[1:], v.dtype) for k, v in chunk.items()}
+            self.arrays = {k: np.empty((self.capacity + m,) + v.shape[1:], v.dtype) for k, v in chunk.items()}
         size = len(self.arrays["doc_id"])
         if self.n + m > size:
             new = max(size * 2, self.n + m)
@@ -917,7 +917,7 @@ class StageInputs:
         return iter_activation_batches(self.fs, self.files, self.columns, batch_size, **kw)
 
     def fit_normalization(self, cfg: SAEConfig) -> Normalization:
-        return fit_normalization(self.batches(65_536, max_rows=cfg.norm_tokens), cfg.normalize, len(self.columns))
+        return fit_normalization(self.batches(16_384, max_rows=cfg.norm_tokens), cfg.normalize, len(self.columns))
 
 
 def train_local(cfg: SAEConfig, inputs: StageInputs, out_path: str, seed: int = 0,
