@@ -21,13 +21,14 @@ def _run(args, **kw):
 
 def test_rank1_run_prepare_then_status_then_skip(tmp_path):
     run = tmp_path / "run"
-    r = _run([*_rank1(), "run", "--config", "configs/tiny.yaml", "--run", str(run), "data.num_traces=24"])
+    r = _run([*_rank1(), "run", "--config", "configs/tiny.yaml", "--run", str(run), "data.num_traces=24",
+              "stages=[prepare]"])
     assert r.returncode == 0, r.stderr
     assert (run / "prepare" / "_SUCCESS").exists()
     s = _run([*_rank1(), "status", "--run", str(run)])
     assert s.returncode == 0 and "prepare" in s.stdout and "done" in s.stdout
     again = _run([sys.executable, "-m", "ray_jobs.prepare", "--config", "configs/tiny.yaml", "--run", str(run),
-                  "data.num_traces=24"])
+                  "data.num_traces=24", "stages=[prepare]"])
     assert again.returncode == 0 and "skipping" in again.stdout
 
 

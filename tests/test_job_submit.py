@@ -21,8 +21,11 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
         assert denied.returncode != 0
         r = subprocess.run(
             [head.ray_cli(), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
-             "python", "-m", "ray_jobs.pipeline", "--config", "configs/tiny.yaml", "--run", str(run)],
+             "python", "-m", "ray_jobs.pipeline", "--config", "configs/tiny.yaml", "--run", str(run),
+             # the Ray-using stages: Ray Train, Ray Data actors, DuckDB
+             "stages=[prepare,train,extract,topk]"],
             env=head.env, capture_output=True, text=True, timeout=900, cwd=REPO)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr)
-    assert (run / "prepare" / "_SUCCESS").exists()
+    for stage in ("prepare", "train", "extract", "topk"):
+        assert (run / stage / "_SUCCESS").exists(), stage
