@@ -61,6 +61,10 @@ VIEWS: dict[str, tuple[str, str]] = {
     "transcoder_hesitation": ("transcoder_extract", "hesitation_features.parquet"),
     "transcoder_eval_samples": ("transcoder_eval", "samples.parquet"),
     "transcoder_eval_summary": ("transcoder_eval", "summary.parquet"),
+    # steer
+    "steer_results": ("steer", "results.parquet"),
+    "steer_samples": ("steer", "samples.parquet"),
+    "steer_targets": ("steer", "targets.parquet"),
 }
 
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")

@@ -78,9 +78,10 @@ def _read_parquet(stage, rel: str, what: str, columns=None):
 def load_prompts(cfg: Config) -> list[dict]:
     """One item per benchmark problem: tokenized generation prompt and the reference answer."""
     from rank1_core.data.format import prompt_text
-    from rank1_core.grading import BenchmarkError, read_benchmark
+    from rank1_core.grading import read_benchmark
     from rank1_core.models import load_tokenizer, resolve_model_dir
     from rank1_core.rundir import RunDir
+    from rank1_core.steering import SteerError
 
     prep = RunDir(cfg.run.dir).stage("prepare")
     prepared = [b.name for b in cfg.data.benchmarks]
@@ -89,7 +90,7 @@ def load_prompts(cfg: Config) -> list[dict]:
     items = []
     for n in names:
         if not prep.exists("benchmarks", f"{n}.parquet"):
-            raise BenchmarkError(f"steer.benchmarks names {n!r} but {prep.uri_of('benchmarks', n + '.parquet')} "
+            raise SteerError(f"steer.benchmarks names {n!r} but {prep.uri_of('benchmarks', n + '.parquet')} "
                                  f"does not exist (prepared: {', '.join(prepared) or 'none'})")
         df = read_benchmark(prep.path("benchmarks", f"{n}.parquet"), prep.fs, cfg.steer.limit)
         for r in df.itertuples(index=False):
@@ -97,7 +98,7 @@ def load_prompts(cfg: Config) -> list[dict]:
             items.append({"benchmark": n, "problem_id": str(r.problem_id), "prompt_ids": list(ids),
                           "answer": str(r.answer).strip(), "kind": r.kind, "n_choices": int(r.n_choices)})
     if not items:
-        raise BenchmarkError("steer: no benchmark prompts (data.benchmarks is empty)")
+        raise SteerError("steer: no benchmark prompts (data.benchmarks is empty)")
     return items
 
 

@@ -356,12 +356,12 @@ def test_bad_targets_fail_with_clear_errors():
     ("steer.alphas=[1, 1]", "more than once"),
     ("steer.modes=[multiply]", "steer.modes"),
     ("steer.hesitation_tokens=[' Wait']", "hesitation_tokens"),
-    ("steer.auto_components=0", "nothing to steer"),
+    ("steer.auto_components=0;steer.components=[]", "nothing to steer"),
     ("steer.batch_size=0", "steer.batch_size"),
 ])
 def test_config_errors(tiny_cfg, override, match):
     with pytest.raises(ConfigError, match=match):
-        tiny_cfg(override)
+        tiny_cfg(*override.split(";"))
 
 
 # --------------------------------------------------------------------------- results and figure
