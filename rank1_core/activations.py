@@ -335,6 +335,12 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used so far, all threads (a fair clock on a shared machine)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 class Extractor:
     """Loads the model with the adapter once; `__call__` turns a batch of documents into the
     three Parquet files (a Ray Data callable class) and returns a one-row summary.
@@ -482,7 +488,8 @@ class Extractor:
         keep = [i for i, s in enumerate(batch["split"]) if s in self.splits]
         doc_ids = [int(batch["doc_id"][i]) for i in keep]
         summary = {"file": [""], "docs": [len(doc_ids)], "tokens": [0], "skipped": [False],
-                   "first_doc": [min(doc_ids) if doc_ids else -1], "max_rss_mb": [0.0], "pid": [os.getpid()]}
+                   "first_doc": [min(doc_ids) if doc_ids else -1], "max_rss_mb": [0.0], "cpu_s": [0.0],
+                   "pid": [os.getpid()]}
         if doc_ids:
             name = batch_name(doc_ids)
             summary["file"] = [name]
@@ -501,7 +508,7 @@ class Extractor:
                              use_dictionary=["token", "split"], before_rename=die)
                 self._die("after_write")
                 summary["tokens"] = [ex.tokens.num_rows]
-        summary["max_rss_mb"] = [max_rss_mb()]
+        summary["max_rss_mb"], summary["cpu_s"] = [max_rss_mb()], [cpu_seconds()]
         return {k: np.asarray(v) for k, v in summary.items()}
 
 

@@ -82,6 +82,9 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
             "leftover_files_deleted": deleted,
             "actor_pids": sorted({int(s["pid"]) for s in summaries}),
             "actor_max_rss_mb": round(max(float(s["max_rss_mb"]) for s in summaries), 1),
+            # CPU seconds of the actors that reported (model loading included), all threads
+            "actor_cpu_s": round(sum(max(float(s["cpu_s"]) for s in summaries if s["pid"] == pid)
+                                     for pid in {int(s["pid"]) for s in summaries}), 1),
             "splits": list(ec.splits),
         })
 

@@ -320,3 +320,25 @@ def test_crash_hook_kills_only_once(tiny_model_dir, adapter_all, tmp_path):
     p.start()
     p.join(180)
     assert p.exitcode == 0
+
+
+def test_identity_on_llama_architecture(tmp_path):
+    """SmolLM2 (the demo model) is a Llama: the same identity on a tiny Llama."""
+    from rank1_core.config import ModelConfig, TinyModelConfig
+    from rank1_core.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(ModelConfig(name="tiny-llama", tiny=TinyModelConfig(
+        num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)))
+    ad = make_adapter(model_dir, tmp_path / "ad", seed=9)
+    ex = A.Extractor(model_dir, str(ad), mlp_neurons=8, batch_tokens=32)
+    ds = docs(seed=5, lengths=(9, 4))
+    out = ex.compute([0, 1], ds)
+    for j, d in enumerate(ds):
+        ref = reference_lora_a(model_dir, ad, d)
+        mask = np.asarray(out.activations.column("doc_id")) == j
+        for (layer, module), vals in ref.items():
+            got = np.asarray(out.activations.column(A.component_column(layer, module, 2)))[mask]
+            np.testing.assert_allclose(got, vals, rtol=1e-4, atol=1e-5)
+        nref = reference_neurons(model_dir, d, 8)
+        got = np.asarray(out.neurons.column("N01_0007"))[np.asarray(out.neurons.column("doc_id")) == j]
+        np.testing.assert_allclose(got, nref[1][:, 7], rtol=1e-4, atol=1e-5)
