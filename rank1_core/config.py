@@ -1184,6 +1184,9 @@ class TranscoderEvalSection:
     """Where the base and target scores (for the recovered gain) come from: the evaluate
     stage's summary (done with variants base and full; needs transcoder.target train_full), or
     generated here with the same transformers engine as the adapter variants."""
+    limit: int = 0
+    """First N problems of each benchmark (0: evaluate.limit). With reference evaluate, the base
+    and target scores are recomputed from evaluate's samples of the same problems."""
     batch_size: int = 16
     """Prompts per generate() call."""
     actors: int = 1
@@ -1197,6 +1200,8 @@ class TranscoderEvalSection:
         for name in ("batch_size", "actors"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transcoder.eval.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.limit < 0:
+            raise ConfigError(f"transcoder.eval.limit must be >= 0, got {self.limit!r}")
         if self.actor_cpus <= 0:
             raise ConfigError(f"transcoder.eval.actor_cpus must be > 0, got {self.actor_cpus!r}")
         if self.threads < 0:

@@ -2,8 +2,9 @@
 
     python -m ray_jobs.transcoder_eval --config configs/demo.yaml
 
-Generates the prepared benchmarks with the settings of `evaluate` (problems, limit, samples,
-temperature, token budget) on Ray Data actors (`rank1_core.transcoder.TranscoderGenerationWorker`:
+Generates the prepared benchmarks with the settings of `evaluate` (problems, samples,
+temperature, token budget; the first `transcoder.eval.limit` problems, or evaluate.limit) on
+Ray Data actors (`rank1_core.transcoder.TranscoderGenerationWorker`:
 transformers generation on the base model with the adapters installed), for the variants
 
 - `transcoder`: base + adapters as trained;
@@ -12,6 +13,8 @@ transformers generation on the base model with the adapters installed), for the 
 - with `transcoder.eval.reference: generate`, also `base` (adapters off, same engine) and the
   target (`full` when it is train_full's model, else `target`).
 
+With `reference: evaluate` the base and target scores of the recovered gain are recomputed
+from the evaluate stage's samples (variants base and full) of exactly the same problems.
 Grades them like evaluate, counts hesitation words per response, and writes:
 
 - `samples.parquet`: evaluate's per-sample columns plus `hesitations`.
@@ -28,6 +31,7 @@ Grades them like evaluate, counts hesitation words per response, and writes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from rank1_core.config import Config, ConfigError
@@ -82,8 +86,11 @@ def run(cfg: Config, force: bool = False) -> dict:
 
         run = RunDir(cfg.run.dir)
         st, tcs, tex = sr.stage, run.stage("transcoder"), run.stage("transcoder_extract")
+        ecfg = cfg
+        if ev.limit:
+            ecfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, limit=ev.limit))
         with sr.timed("benchmarks"):
-            benches = load_benchmarks(cfg)
+            benches = load_benchmarks(ecfg)
         hes_tab = pq.read_table(tex.path("hesitation_features.parquet"), filesystem=tex.fs).to_pandas()
         hes = sorted(int(f) for f in hes_tab.loc[hes_tab["selected"], "feature"])
         latents = pq.read_table(tex.path("latents.parquet"), filesystem=tex.fs)
@@ -111,7 +118,28 @@ def run(cfg: Config, force: bool = False) -> dict:
             engines.append(TranscoderEngineSpec(tdir, None, {target_name: None}, settings,
                                                 ec.dtype or cfg.model.dtype, ev.batch_size, ev.threads))
         names = [n for e in engines for n in e.variants]
-        items = build_items(cfg, benches, [Variant(n, "") for n in names])
+        items = build_items(ecfg, benches, [Variant(n, "") for n in names])
+        # base and target scores: from the evaluate stage's samples of the same problems (checked
+        # before generating anything), or generated here
+        ref_samples = None
+        if ev.reference == "evaluate":
+            evs = run.stage("evaluate")
+            es = pq.read_table(evs.path("samples.parquet"), filesystem=evs.fs).to_pandas()
+            es = es[es["variant"].isin(["base", "full"])]
+            mine = pd.DataFrame([(it["benchmark"], it["problem_id"]) for it in items if it["variant"] == "transcoder"],
+                                columns=["benchmark", "problem_id"])
+            es = es.merge(mine, on=["benchmark", "problem_id"], how="inner")
+            for b in benches:
+                want = set(mine[mine["benchmark"] == b]["problem_id"])
+                for v in ("base", "full"):
+                    have = set(es[(es["variant"] == v) & (es["benchmark"] == b)]["problem_id"])
+                    if have != want:
+                        raise ConfigError(f"transcoder.eval.reference is 'evaluate' but evaluate/samples.parquet lacks "
+                                          f"{len(want - have)} of this stage's {len(want)} problems of {b!r} for variant "
+                                          f"{v!r}: run evaluate with variants base and full on at least these problems "
+                                          "(evaluate.limit >= transcoder.eval.limit), or set "
+                                          "transcoder.eval.reference: generate")
+            ref_samples = es
         ray = ensure_ray(cfg)
         rows = []
         for spec in engines:
@@ -155,23 +183,8 @@ def run(cfg: Config, force: bool = False) -> dict:
         summary["_v"] = summary["variant"].map(order)
         summary = summary.sort_values(["_v", "benchmark"]).drop(columns=["_v"]).reset_index(drop=True)
 
-        # base and target scores: generated here, or the evaluate stage's
         if ev.reference == "evaluate":
-            evs = run.stage("evaluate")
-            ref = pq.read_table(evs.path("summary.parquet"), filesystem=evs.fs).to_pandas()
-            ref = ref[ref["variant"].isin(["base", "full"])]
-            for b in benches:
-                for v in ("base", "full"):
-                    hit = ref[(ref["variant"] == v) & (ref["benchmark"] == b)]
-                    if hit.empty:
-                        raise ConfigError(f"transcoder.eval.reference is 'evaluate' but evaluate/summary.parquet has "
-                                          f"no variant {v!r} on benchmark {b!r}: run evaluate with variants base and "
-                                          "full, or set transcoder.eval.reference: generate")
-                    mine = summary[(summary["variant"] == "transcoder") & (summary["benchmark"] == b)]
-                    if int(hit["n_problems"].iloc[0]) != int(mine["n_problems"].iloc[0]):
-                        raise ConfigError(f"evaluate/summary.parquet scored {int(hit['n_problems'].iloc[0])} problems "
-                                          f"of {b!r}, this stage {int(mine['n_problems'].iloc[0])}: rerun evaluate "
-                                          "with the current evaluate settings")
+            ref = summarize(ref_samples)
         else:
             ref = summary[summary["variant"].isin(["base", target_name])].replace({"variant": {target_name: "full"}})
         score = lambda df, v, b: float(df[(df["variant"] == v) & (df["benchmark"] == b)]["pass1"].iloc[0])  # noqa: E731

@@ -58,7 +58,7 @@ def test_transcoder_lens_end_to_end_on_the_tiny_full_fine_tune(tiny_cfg, prepare
     assert [r["step"] for r in metrics] == [1, 2, 3, 4] and all(r["kl"] >= 0 for r in metrics)
     a = TranscoderAdapter.load(str(st / "adapter"))
     assert a.layers == [0, 1] and a.k == 8 and a.meta["target"] == "train_full"
-    assert any(float(a.layer(l).W_dec.abs().sum()) > 0 for l in a.layers)  # trained, not the zero init
+    assert any(float(a.layer(l).W_dec.detach().abs().sum()) > 0 for l in a.layers)  # trained, not the zero init
 
     mx = transcoder_extract.run(cfg)
     ex = run_dir / "transcoder_extract"
@@ -102,6 +102,25 @@ def test_transcoder_lens_end_to_end_on_the_tiny_full_fine_tune(tiny_cfg, prepare
         assert (ev / f).stat().st_size > 0
     assert "KL(target" in (ev / "faithfulness.md").read_text()
     assert me["inputs"].keys() == {"prepare", "transcoder", "transcoder_extract", "train_full"}
+
+    # reference evaluate: base and full rescored from evaluate's samples of the same (first 2) problems
+    ref = samples[samples["variant"].isin(["base", "full"])].drop(columns=["hesitations"])
+    fake_evaluate_stage(run_dir, ref)
+    cfg3 = tiny_cfg(*QUICK, "transcoder.eval.reference=evaluate", "transcoder.eval.limit=2", run_dir=run_dir)
+    m3 = transcoder_eval.run(cfg3)
+    assert m3["inputs"].keys() == {"prepare", "transcoder", "transcoder_extract", "evaluate"}
+    rec = pq.read_table(ev / "summary.parquet").to_pandas()
+    assert rec["variant"].iloc[0] == "transcoder" and set(rec["n_problems"]) == {2}
+    import pandas as pd
+
+    rc = pd.read_csv(ev / "recovery.csv")
+    first = list(dict.fromkeys(ref[ref["variant"] == "base"]["problem_id"]))[:2]
+    want = ref[(ref["variant"] == "base") & ref["problem_id"].isin(first)]["correct"].mean()
+    assert rc["reference"].iloc[0] == "evaluate" and rc["base"].iloc[0] == pytest.approx(want)
+    with pytest.raises(ConfigError, match="lacks 2 of this stage's 6 problems"):
+        fake_evaluate_stage(run_dir, ref[ref["problem_id"].isin(list(dict.fromkeys(ref["problem_id"]))[:4])])
+        transcoder_eval.run(tiny_cfg(*QUICK, "transcoder.eval.reference=evaluate", "transcoder.eval.limit=6",
+                                     run_dir=run_dir))
 
     # Reruns skip; a change to the hesitation settings reruns extract and eval, never training.
     assert transcoder.run(cfg)["finished_at"] == m["finished_at"]
@@ -149,3 +168,15 @@ def test_bad_pairs_fail_before_any_work(tiny_cfg, tiny_model_dir, prepared_run, 
         transcoder_eval.run(tiny_cfg(f"transcoder.target={tmp_path / 'other'}", "transcoder.eval.reference=evaluate",
                                      run_dir=run_dir))
     assert not (run_dir / "transcoder").exists()
+
+
+def fake_evaluate_stage(run_dir, samples):
+    """An evaluate stage in its published layout, from samples of the base and target variants."""
+    import pyarrow as pa
+
+    from rank1_core.rundir import RunDir, run_stage
+
+    def body(sr):
+        pq.write_table(pa.Table.from_pandas(samples, preserve_index=False), sr.stage.path("samples.parquet"))
+
+    run_stage(RunDir(str(run_dir)).stage("evaluate"), "test", "{}", body, log=lambda m: None)
