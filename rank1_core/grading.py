@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 LETTERS = "ABCDEFGHIJ"
+MAX_ANSWER_CHARS = 2000
+"""Longest answer part graded (its end): bounds math-verify's work on a runaway answer."""
 UNDEFINED = "undefined"
 
 
@@ -103,7 +105,7 @@ def split_answer(response: str, answer_marker: str, tail_chars: int = 300) -> tu
     """
     i = response.rfind(answer_marker) if answer_marker else -1
     if i >= 0:
-        return response[i + len(answer_marker):].strip(), True
+        return response[i + len(answer_marker):].strip()[-MAX_ANSWER_CHARS:], True
     return response[-tail_chars:].strip(), False
 
 
@@ -184,6 +186,24 @@ def grade(response: str, reference: str, kind: str, answer_marker: str, tail_cha
     else:
         raise ValueError(f"unknown benchmark kind {kind!r} (expected 'math' or 'mc')")
     return Graded(extracted=extracted, correct=bool(ok), marker_found=found)
+
+
+SAMPLE_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "extracted", "correct",
+                  "marker_found", "n_tokens", "finished", "backend", "lora_mode", "answer"]
+
+
+def grade_samples(generated: pd.DataFrame, answer_marker: str, tail_chars: int = 300) -> pd.DataFrame:
+    """Grade generated rows (response, answer, kind, n_choices, ...) -> SAMPLE_COLUMNS.
+
+    Call it from the main thread: math-verify's parse/verify timeouts use SIGALRM.
+    """
+    graded = [grade(r.response, r.answer, r.kind, answer_marker, tail_chars, int(r.n_choices) or 4)
+              for r in generated.itertuples(index=False)]
+    out = generated.copy()
+    out["extracted"] = [g.extracted for g in graded]
+    out["correct"] = [g.correct for g in graded]
+    out["marker_found"] = [g.marker_found for g in graded]
+    return out[SAMPLE_COLUMNS]
 
 
 # --------------------------------------------------------------------------- pass@1

@@ -5,13 +5,14 @@
 
 Every (variant, problem) becomes a row of a Ray Data dataset; rows are sharded across
 `evaluate.actors` actors (`rank1_core.generation.GenerationWorker`), each holding one engine,
-which generate `evaluate.samples` responses per problem and grade them. Variants that share
+which generate `evaluate.samples` responses per problem; the driver grades them (math-verify
+needs the main thread for its timeouts; grading costs milliseconds). Variants that share
 base weights share an engine: with lora_mode lora_request (vLLM) or peft (transformers) one
 engine serves base and lora; merged builds one engine per adapter. Leaves in `evaluate/`:
 
 - `samples.parquet`: variant, benchmark, problem_id, sample, response, extracted, correct,
   marker_found, n_tokens, finished, backend, lora_mode ('merged' | 'lora_request' | 'peft' |
-  null for a variant without adapter).
+  null for a variant without adapter), answer (the reference).
 - `summary.parquet`: variant, benchmark, n_problems, n_samples, pass1, stderr, mean_tokens,
   finished_rate, marker_rate.
 - `table1.md`, `table1.csv`: base, LoRA, full and % recovery per benchmark.
@@ -119,12 +120,13 @@ def engine_groups(variants: list[Variant], lora_mode: str) -> list[tuple[str, di
 
 
 def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, sr=None, tag: str = "generate"):
-    """Samples DataFrame (rank1_core.generation.SAMPLE_COLUMNS) of every variant on every
-    benchmark, generated and graded on Ray Data actors. The ablate stage reuses this."""
+    """Samples DataFrame (rank1_core.grading.SAMPLE_COLUMNS) of every variant on every
+    benchmark, generated on Ray Data actors and graded here. The ablate stage reuses this."""
     import pandas as pd
 
-    from rank1_core.generation import (SAMPLE_COLUMNS, EngineSpec, GenerationWorker, resolve_backend,
+    from rank1_core.generation import (GENERATED_COLUMNS, EngineSpec, GenerationWorker, resolve_backend,
                                        resolve_lora_mode)
+    from rank1_core.grading import grade_samples
 
     ec = cfg.evaluate
     backend = resolve_backend(ec.backend)
@@ -140,7 +142,7 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
             settings=dict(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,
                           n=ec.samples, seed=cfg.run.seed),
             dtype=ec.dtype or cfg.model.dtype, vllm=vars(ec.vllm).copy(), batch_size=ec.batch_size,
-            threads=ec.threads, answer_marker=cfg.model.answer_marker, tail_chars=ec.tail_chars,
+            threads=ec.threads,
         )
         blocks = max(1, min(len(part), max(ec.actors * 2, math.ceil(len(part) / ec.batch_size))))
         ds = ray.data.from_items(part, override_num_blocks=blocks)
@@ -153,7 +155,12 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
                 rows.extend(ds.take_all())
         else:
             rows.extend(ds.take_all())
-    samples = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
+    if sr is not None:
+        with sr.timed(f"grade:{tag}"):
+            samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
+    else:
+        samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
     index = {(it["benchmark"], it["problem_id"]): it["problem_index"] for it in items}
     samples["_v"] = samples["variant"].map(order)
     samples["_p"] = [index[(b, p)] for b, p in zip(samples["benchmark"], samples["problem_id"])]

@@ -104,8 +104,10 @@ def test_sampling_gives_n_samples_and_budget_flags(tiny_model_dir, adapter, prom
             assert c.finished or c.n_tokens == 6
 
 
-def test_generation_worker_grades_rows(tiny_model_dir, adapter, prompt_ids):
+def test_generation_worker_rows_then_grading(tiny_model_dir, adapter, prompt_ids):
     import pandas as pd
+
+    from rank1_core.grading import SAMPLE_COLUMNS, grade_samples
 
     spec = dict(model_dir=str(tiny_model_dir), adapters={"base": None, "lora": str(adapter)},
                 backend="transformers", lora_mode="peft", settings={"max_new_tokens": 4})
@@ -118,9 +120,13 @@ def test_generation_worker_grades_rows(tiny_model_dir, adapter, prompt_ids):
     assert len(out) == 3 and set(out["variant"]) == {"base", "lora"}
     modes = out.sort_values("problem_id")["lora_mode"].tolist()
     assert [m if isinstance(m, str) else None for m in modes] == ["peft", None, "peft"]
-    assert (out["backend"] == "transformers").all()
-    assert (out["n_tokens"] <= 4).all() and out["correct"].dtype == bool
-    assert not out["marker_found"].any()  # random weights never write the answer marker
+    assert (out["backend"] == "transformers").all() and (out["n_tokens"] <= 4).all()
+    # Graded afterwards (in the driver): a response ending in the right answer is correct.
+    out.loc[0, "response"] = "thinking...<|im_start|>answer\nThe answer is 7."
+    graded = grade_samples(out, "<|im_start|>answer")
+    assert list(graded.columns) == SAMPLE_COLUMNS
+    assert graded["correct"].tolist()[0] is True and graded["marker_found"].tolist()[0] is True
+    assert graded["correct"].dtype == bool
 
 
 # --------------------------------------------------------------------------- vLLM (slow)
