@@ -51,6 +51,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -346,54 +347,89 @@ def count_hesitations(text: str, words: Iterable[str] | re.Pattern) -> int:
     return len(pat.findall(text))
 
 
-def kl_rows(lm, decoder, head, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-            hooks_factory=None, after: Optional[int] = None, chunk_positions: int = 256):
-    """Per row (kl_sum, kl_max, n_scored) of KL(steered || unsteered), teacher-forced on
-    prompt + response, over the response tokens predicted from steered positions.
+@dataclass
+class TeacherBatch:
+    """Prompt + response rows laid out as in generation: prompts left-padded to a common
+    width, responses right-padded after it; the scored positions predict response tokens."""
 
-    Rows are laid out as in generation: prompts left-padded to a common width W, responses
-    right-padded after it. `hooks_factory(width)` returns the steering context (None: the
-    steered model is the unsteered one, KL 0)."""
+    ids: object
+    attn: object
+    position_ids: object
+    width: int
+    rows_idx: object
+    """Row of each scored position."""
+    t_idx: object
+    """Index in the padded row of each scored position (response token j: width + j - 1)."""
+    n_rows: int
+
+
+def teacher_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  after: Optional[int] = None) -> Optional[TeacherBatch]:
+    """The layout, scoring the response tokens predicted from steered positions (`after`
+    None: all of them; k: tokens j >= k + 1). None when nothing is scored."""
     import torch
-
-    from rank1_core.ablation import kl_per_position
 
     b = len(prompts)
     width = max(len(p) for p in prompts)
     rlen = max((len(r) for r in responses), default=0)
-    out = [(0.0, 0.0, 0) for _ in range(b)]
-    first = 0 if after is None else after + 1  # response token j is predicted from position W + j - 1
+    first = 0 if after is None else after + 1
     pos = [(r, width + j - 1) for r in range(b) for j in range(first, len(responses[r]))]
-    if not pos or rlen == 0:
-        return out
+    if not pos:
+        return None
     ids = torch.full((b, width + rlen), pad_id, dtype=torch.long)
     attn = torch.zeros((b, width + rlen), dtype=torch.long)
     for r, (p, x) in enumerate(zip(prompts, responses)):
         ids[r, width - len(p):width] = torch.tensor(p, dtype=torch.long)
         ids[r, width:width + len(x)] = torch.tensor(x, dtype=torch.long)
         attn[r, width - len(p):width + len(x)] = 1
-    position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
-    rows_idx = torch.tensor([p[0] for p in pos])
-    t_idx = torch.tensor([p[1] for p in pos])
+    return TeacherBatch(ids, attn, (attn.cumsum(-1) - 1).clamp_min(0), width,
+                        torch.tensor([p[0] for p in pos]), torch.tensor([p[1] for p in pos]), b)
 
-    def hidden():
-        return decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+
+def _hidden(decoder, tb: TeacherBatch):
+    return decoder(input_ids=tb.ids, attention_mask=tb.attn, position_ids=tb.position_ids,
+                   use_cache=False).last_hidden_state
+
+
+def ref_logprobs(decoder, head, tb: TeacherBatch, chunk_positions: int = 256):
+    """Unsteered next-token log-probabilities at the scored positions, float32 [positions, vocab]."""
+    import torch
 
     with torch.inference_mode():
-        h_ref = hidden()
-        if hooks_factory is None:
-            return [(0.0, 0.0, sum(1 for p in pos if p[0] == r)) for r in range(b)]
-        with hooks_factory(width):
-            h_st = hidden()
-        kl = []
-        for i in range(0, len(pos), chunk_positions):
-            ri, ti = rows_idx[i:i + chunk_positions], t_idx[i:i + chunk_positions]
-            ref = torch.log_softmax(head(h_ref[ri, ti]).float(), dim=-1)
-            kl.append(kl_per_position(head(h_st[ri, ti]), ref).double())
-        kl = torch.cat(kl)
-    for r in range(b):
-        sel = kl[rows_idx == r]
+        h = _hidden(decoder, tb)
+        return torch.cat([torch.log_softmax(head(h[tb.rows_idx[i:i + chunk_positions], tb.t_idx[i:i + chunk_positions]])
+                                            .float(), dim=-1)
+                          for i in range(0, len(tb.rows_idx), chunk_positions)])
+
+
+def kl_rows(lm, decoder, head, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+            hooks_factory=None, after: Optional[int] = None, chunk_positions: int = 256, ref_logp=None):
+    """Per row (kl_sum, kl_max, n_scored) of KL(steered || unsteered), teacher-forced on
+    prompt + response, over the response tokens predicted from steered positions.
+
+    `hooks_factory(width)` returns the steering context (None: the steered model is the
+    unsteered one, KL 0 without any forward pass). `ref_logp`: the unsteered log-probabilities
+    of this layout (`ref_logprobs`), when the caller has them already."""
+    import torch
+
+    from rank1_core.ablation import kl_per_position
+
+    tb = teacher_batch(prompts, responses, pad_id, after)
+    out = [(0.0, 0.0, 0) for _ in prompts]
+    if tb is None:
+        return out
+    if hooks_factory is None:
+        return [(0.0, 0.0, int((tb.rows_idx == r).sum())) for r in range(tb.n_rows)]
+    if ref_logp is None:
+        ref_logp = ref_logprobs(decoder, head, tb, chunk_positions)
+    with torch.inference_mode():
+        with hooks_factory(tb.width):
+            h_st = _hidden(decoder, tb)
+        kl = torch.cat([kl_per_position(head(h_st[tb.rows_idx[i:i + chunk_positions], tb.t_idx[i:i + chunk_positions]]),
+                                        ref_logp[i:i + chunk_positions]).double()
+                        for i in range(0, len(tb.rows_idx), chunk_positions)])
+    for r in range(tb.n_rows):
+        sel = kl[tb.rows_idx == r]
         if sel.numel():
             out[r] = (float(sel.sum()), float(sel.max()), int(sel.numel()))
     return out
@@ -415,6 +451,9 @@ class WorkerSpec:
     answer_marker: str = "<|im_start|>answer"
     tail_chars: int = 300
     hesitation_tokens: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
+    ref_cache_mb: int = 1024
+    """Unsteered log-probabilities kept per batch of prompts (every condition of a batch
+    shares them); 0: recompute for every work unit."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -446,6 +485,29 @@ class SteerWorker:
         self.lm, self.decoder = _decoder(self.model)
         self.head = self.lm.get_output_embeddings()
         self.pattern = hesitation_pattern(self.spec.hesitation_tokens)
+        self._ref: "OrderedDict[tuple, object]" = OrderedDict()
+        self._ref_bytes = 0
+
+    def reference(self, key: tuple, prompts: list[list[int]], responses: list[list[int]], after: Optional[int]):
+        """Unsteered log-probabilities of one batch's teacher-forced layout, cached (LRU, at most
+        `ref_cache_mb`) by its problems and `after`."""
+        key = (key, after)
+        if key in self._ref:
+            self._ref.move_to_end(key)
+            return self._ref[key]
+        tb = teacher_batch(prompts, responses, self.gen.pad_id, after)
+        if tb is None:
+            return None
+        ref = ref_logprobs(self.decoder, self.head, tb)
+        size = ref.numel() * ref.element_size()
+        limit = self.spec.ref_cache_mb << 20
+        if size <= limit:
+            while self._ref and self._ref_bytes + size > limit:
+                _, old = self._ref.popitem(last=False)
+                self._ref_bytes -= old.numel() * old.element_size()
+            self._ref[key] = ref
+            self._ref_bytes += size
+        return ref
 
     def generate(self, cond: Condition, prompts: list[list[int]]):
         """Greedy completions of `prompts` under `cond` (hooks removed afterwards)."""
@@ -467,9 +529,14 @@ class SteerWorker:
             base = [it.get("baseline_ids") for it in part]
             if all(x is not None for x in base):
                 responses = [list(map(int, x)) for x in base]
-                factory = None if cond.identity else (lambda w: SteeringHooks(self.model, cond, prompt_width=w))
+                if cond.identity:
+                    factory, ref = None, None
+                else:
+                    factory = lambda w: SteeringHooks(self.model, cond, prompt_width=w)  # noqa: E731
+                    key = tuple((it["benchmark"], str(it["problem_id"])) for it in part)
+                    ref = self.reference(key, prompts, responses, cond.after)
                 kls = kl_rows(self.lm, self.decoder, self.head, prompts, responses, self.gen.pad_id,
-                              factory, cond.after)
+                              factory, cond.after, ref_logp=ref)
             else:
                 responses, kls = None, [(0.0, 0.0, 0)] * len(part)
             for k, (it, c) in enumerate(zip(part, outs)):

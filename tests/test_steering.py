@@ -286,6 +286,14 @@ def test_worker_unit_rows(worker, baseline):
     far = worker.run({"condition": component_condition("L00_q_proj", "add", 300.0, STATS).to_dict(), "items": items})
     assert sum(r["kl_sum"] for r in far) > 0 and not all(r["identical"] for r in far)
     assert all(r["kl_tokens"] == len(b) for r, b in zip(far, baseline))
+    # the unsteered log-probabilities of a batch are cached and shared by its conditions
+    assert len(worker._ref) == 1
+    cond = component_condition("L01_up_proj", "scale", -20.0, STATS)
+    cached = worker.run({"condition": cond.to_dict(), "items": items})
+    assert len(worker._ref) == 1
+    fresh = kl_rows(worker.lm, worker.decoder, worker.head, PROMPTS, baseline, worker.gen.pad_id,
+                    lambda w: SteeringHooks(worker.model, cond, prompt_width=w))
+    assert [(r["kl_sum"], r["kl_max"], r["kl_tokens"]) for r in cached] == fresh
 
 
 # --------------------------------------------------------------------------- measures and targets
