@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def prompts(model_dir, n: int) -> list[list[int]]:
+def prompts(model_dir, n: int, think: bool = True) -> list[list[int]]:
     from rank1_core.config import BenchmarkConfig, ModelConfig
     from rank1_core.data.format import prompt_text
     from rank1_core.data.io import Skipped
@@ -41,15 +41,15 @@ def prompts(model_dir, n: int) -> list[list[int]]:
     rows = load_benchmark(b, 0, Skipped())
     tok = load_tokenizer(model_dir)
     mc = ModelConfig()
-    return [tok(prompt_text(tok, r["question"], mc), add_special_tokens=False)["input_ids"] for r in rows]
+    return [tok(prompt_text(tok, r["question"], mc, think=think), add_special_tokens=False)["input_ids"] for r in rows]
 
 
-def adapter_for(model_dir, path: str | None, tmp: str) -> str:
+def adapter_for(model_dir, path: str | None, tmp: str, b_scale: float) -> str:
     if path:
         return path
     from test_evaluate_fixtures import make_adapter
 
-    return str(make_adapter(model_dir, Path(tmp) / "adapter", scale=0.02))
+    return str(make_adapter(model_dir, Path(tmp) / "adapter", scale=b_scale))
 
 
 def bench_generation(args) -> None:
@@ -58,32 +58,40 @@ def bench_generation(args) -> None:
     from rank1_core.models import resolve_model_dir
 
     model_dir = resolve_model_dir(ModelConfig(name=args.model))
-    ids = prompts(model_dir, args.prompts)
+    # Plain chat prompts: an untrained (near-zero) adapter then writes full-length answers,
+    # whereas after the think marker the base SmolLM2 stops at once.
+    ids = prompts(model_dir, args.prompts, think=False)
     s = SamplingSettings(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = adapter_for(model_dir, args.adapter, tmp)
-        res = {}
+        adapter = adapter_for(model_dir, args.adapter, tmp, args.b_scale)
         backends = ["transformers"] + (["vllm"] if vllm_available() else [])
-        for backend in backends:
-            t0 = time.perf_counter()
-            vopts = {"kv_cache_memory_bytes": 1 << 30, "max_model_len": 1024, "max_num_seqs": args.batch_size}
-            gen = make_generator(backend, model_dir, {"lora": adapter}, "auto", s, vllm=vopts,
-                                 batch_size=args.batch_size, threads=args.threads)
-            start = time.perf_counter() - t0
-            try:
-                gen.generate(ids[:2], "lora")  # warm-up
+        gens, res = {}, {}
+        try:
+            for backend in backends:
                 t0 = time.perf_counter()
-                outs = gen.generate(ids, "lora")
-                secs = time.perf_counter() - t0
-            finally:
-                gen.close()
-            toks = sum(o[0].n_tokens for o in outs)
-            res[backend] = dict(start=start, secs=secs, tokens=toks, tps=toks / secs,
-                                ids=[o[0].token_ids for o in outs], mode=gen.lora_mode_name)
-            print(f"{backend:>12} ({gen.lora_mode_name}): start-up {start:6.1f} s, {len(ids)} prompts, "
-                  f"{toks} tokens in {secs:6.1f} s = {toks / secs:7.1f} generated tokens/s", flush=True)
+                vopts = {"kv_cache_memory_bytes": 1 << 30, "max_model_len": 1024, "max_num_seqs": args.batch_size}
+                gens[backend] = make_generator(backend, model_dir, {"lora": adapter}, "auto", s, vllm=vopts,
+                                               batch_size=args.batch_size, threads=args.threads)
+                gens[backend].generate(ids[:2], "lora")  # warm-up
+                res[backend] = dict(start=time.perf_counter() - t0, secs=0.0, tokens=0, ids=[])
+            # Backends alternate chunk by chunk, so both see the same machine load.
+            for i in range(0, len(ids), args.batch_size):
+                for backend in backends:
+                    t0 = time.perf_counter()
+                    outs = gens[backend].generate(ids[i:i + args.batch_size], "lora")
+                    res[backend]["secs"] += time.perf_counter() - t0
+                    res[backend]["tokens"] += sum(o[0].n_tokens for o in outs)
+                    res[backend]["ids"] += [o[0].token_ids for o in outs]
+        finally:
+            for g in gens.values():
+                g.close()
+        for backend, r in res.items():
+            r["tps"] = r["tokens"] / r["secs"]
+            print(f"{backend:>12} ({gens[backend].lora_mode_name}): start-up {r['start']:6.1f} s, {len(ids)} prompts, "
+                  f"{r['tokens']} tokens in {r['secs']:6.1f} s = {r['tps']:7.1f} generated tokens/s", flush=True)
     if "vllm" in res:
         same = sum(a == b for a, b in zip(res["vllm"]["ids"], res["transformers"]["ids"]))
+        print(f"responses of {res['vllm']['tokens'] / len(ids):.0f} tokens on average (budget {args.max_new_tokens})")
         print(f"vLLM / transformers generated tokens/s: {res['vllm']['tps'] / res['transformers']['tps']:.2f}x; "
               f"identical greedy responses: {same}/{len(ids)}")
 
@@ -107,7 +115,7 @@ def bench_kl(args) -> None:
     docs = [p + body for p in ids]
     masks = [[0] * len(p) + [1] * len(body) for p in ids]
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = adapter_for(model_dir, args.adapter, tmp)
+        adapter = adapter_for(model_dir, args.adapter, tmp, args.b_scale)
         model = load_model(model_dir, "float32", adapter=adapter)
         plan = plan_ablations(list(lora_components(model)),
                               groups=[("attn", ATTN_MODULES, ()), ("mlp", MLP_MODULES, ())])
@@ -139,6 +147,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--adapter", default=None, help="peft adapter dir (default: random-B rank-1 adapter)")
+    p.add_argument("--b-scale", type=float, default=0.002,
+                   help="std of the random lora_B (small: the model still writes long answers)")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)

@@ -600,6 +600,10 @@ class EvaluateConfig:
     """torch threads per actor (0: every core of the machine)."""
     tail_chars: int = 300
     """Characters graded when a response never writes model.answer_marker (flagged per row)."""
+    base_prompt: Literal["plain", "think"] = "plain"
+    """Prompt of the base variant: plain (the model's own chat format, as the paper evaluates
+    the base instruct model) or think (ending with model.think_marker, like the fine-tuned
+    variants; a base model that never saw the marker may stop at once)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """vLLM engine options."""
 

@@ -12,7 +12,8 @@ engine serves base and lora; merged builds one engine per adapter. Leaves in `ev
 
 - `samples.parquet`: variant, benchmark, problem_id, sample, response, extracted, correct,
   marker_found, n_tokens, finished, backend, lora_mode ('merged' | 'lora_request' | 'peft' |
-  null for a variant without adapter), answer (the reference).
+  null for a variant without adapter), answer (the reference), prompt ('think' | 'plain':
+  whether the prompt ended with model.think_marker; evaluate.base_prompt sets the base's).
 - `summary.parquet`: variant, benchmark, n_problems, n_samples, pass1, stderr, mean_tokens,
   finished_rate, marker_rate.
 - `table1.md`, `table1.csv`: base, LoRA, full and % recovery per benchmark.
@@ -36,6 +37,8 @@ class Variant:
     name: str
     model_dir: str
     adapter_dir: str | None = None
+    prompt: str = "think"
+    """'think': the prompt ends with model.think_marker (s1 format); 'plain': chat format only."""
 
 
 def upstream(variants: list[str]) -> tuple[str, ...]:
@@ -57,7 +60,7 @@ def variant_specs(cfg: Config, names: list[str]) -> list[Variant]:
     out = []
     for n in names:
         if n == "base":
-            out.append(Variant("base", base))
+            out.append(Variant("base", base, prompt=cfg.evaluate.base_prompt))
         elif n == "lora":
             out.append(Variant("lora", base, run.stage("train").uri_of("adapter")))
         elif n == "full":
@@ -93,16 +96,17 @@ def build_items(cfg: Config, benchmarks: dict, variants: list[Variant]) -> list[
 
     tok = load_tokenizer(resolve_model_dir(cfg.model))
     prompts = {}
-    for b, df in benchmarks.items():
-        for r in df.itertuples(index=False):
-            prompts[(b, r.problem_id)] = tok(prompt_text(tok, r.question, cfg.model),
-                                             add_special_tokens=False)["input_ids"]
+    for style in sorted({v.prompt for v in variants}):
+        for b, df in benchmarks.items():
+            for r in df.itertuples(index=False):
+                text = prompt_text(tok, r.question, cfg.model, think=style == "think")
+                prompts[(style, b, r.problem_id)] = tok(text, add_special_tokens=False)["input_ids"]
     items = []
     for v in variants:
         for b, df in benchmarks.items():
             for i, r in enumerate(df.itertuples(index=False)):
                 items.append({"variant": v.name, "benchmark": b, "problem_id": str(r.problem_id),
-                              "problem_index": i, "prompt_ids": prompts[(b, r.problem_id)],
+                              "problem_index": i, "prompt_ids": prompts[(v.prompt, b, r.problem_id)],
                               "answer": str(r.answer).strip(), "kind": r.kind, "n_choices": int(r.n_choices)})
     return items
 
@@ -162,6 +166,7 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
     else:
         samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
     index = {(it["benchmark"], it["problem_id"]): it["problem_index"] for it in items}
+    samples["prompt"] = samples["variant"].map({v.name: v.prompt for v in variants})
     samples["_v"] = samples["variant"].map(order)
     samples["_p"] = [index[(b, p)] for b, p in zip(samples["benchmark"], samples["problem_id"])]
     samples = samples.sort_values(["_v", "benchmark", "_p", "sample"]).drop(columns=["_v", "_p"])
@@ -220,6 +225,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         sr.extra.update({
             "backend": str(samples["backend"].iloc[0]),
             "lora_mode": {v: (None if m is None or m != m else str(m)) for v, m in modes.items()},
+            "prompt": {v.name: v.prompt for v in variants},
             "generated_tokens": int(samples["n_tokens"].sum()),
             "pass1": {f"{r.variant}/{r.benchmark}": round(float(r.pass1), 4) for r in summary.itertuples()},
         })

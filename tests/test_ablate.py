@@ -1,7 +1,8 @@
 """KL ablation sanity on a tiny model: ablating nothing or a zero-B component gives 0, a
 random-B adapter gives positive KL, the batched/restarted computation equals an independent
 brute-force one (weights zeroed in a copy, plain forward, KL by hand), ablated adapters on
-disk equal hook ablations; and (slow) the ablate stage end to end."""
+disk equal hook ablations. The ablate stage end to end is in test_evaluate.py (it needs
+the evaluate stage first)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rank1_core.ablation import (ATTN_MODULES, MLP_MODULES, Ablation, KLAblator,
                                  lora_components, parse_component, plan_ablations, schedule,
                                  write_ablated_adapter)
 from rank1_core.models import load_model
-from test_evaluate_fixtures import add_trained_stages, make_adapter
+from test_evaluate_fixtures import make_adapter
 
 GROUPS = [("attn", ATTN_MODULES, ()), ("mlp", MLP_MODULES, ())]
 
@@ -180,38 +181,3 @@ def test_ablated_adapter_on_disk_equals_hook_ablation(tiny_model_dir, adapters, 
     assert hook == pytest.approx(total / count, rel=1e-4)
     with pytest.raises(ValueError, match="has no component L09_q_proj"):
         write_ablated_adapter(adapters["random"], ["L09_q_proj"], tmp_path / "bad")
-
-
-# --------------------------------------------------------------------------- stage (slow)
-
-
-@pytest.mark.slow
-def test_ablate_stage_end_to_end(tiny_cfg, prepared_run, copy_run, tiny_model_dir, ray_session):
-    import pandas as pd
-
-    from ray_jobs import ablate, evaluate
-
-    run_dir = copy_run(prepared_run)
-    add_trained_stages(run_dir, tiny_model_dir)
-    cfg = tiny_cfg(run_dir=run_dir)
-    evaluate.run(cfg)
-    m = ablate.run(cfg)
-    st = run_dir / "ablate"
-    comps = pd.read_parquet(st / "kl_components.parquet")
-    assert len(comps) == 14 and comps["column"].tolist()[:2] == ["L00_q_proj", "L00_k_proj"]
-    assert set(comps["kind"]) == {"attn", "mlp"} and (comps["kl_mean"] > 0).all()
-    assert (comps["n_tokens"] == comps["n_tokens"].iloc[0]).all() and comps["n_docs"].iloc[0] == 8
-    layers = pd.read_parquet(st / "kl_layers.parquet")
-    assert layers["layer"].tolist() == [0, 1] and (layers["kl_mean"] > 0).all()
-    groups = pd.read_parquet(st / "groups.parquet")
-    assert sorted(groups["group"]) == ["attn", "mlp"]
-    assert set(groups["benchmark"]) == {"arith-heldout"} and (groups["n_problems"] == 16).all()
-    assert (st / "adapters" / "mlp" / "adapter_model.safetensors").exists()
-    t2 = (st / "table2.md").read_text()
-    assert "LoRA (attn-ablated)" in t2 and "LoRA (mlp-ablated)" in t2
-    samples = pd.read_parquet(st / "samples.parquet")
-    assert set(samples["variant"]) == {"attn_ablated", "mlp_ablated"}
-    assert set(samples["lora_mode"]) == {"peft"}
-    assert m["rows"]["kl_components"] == 14 and set(m["inputs"]) == {"prepare", "train", "evaluate"}
-    # Done: a rerun is skipped.
-    assert ablate.run(cfg)["finished_at"] == m["finished_at"]

@@ -1,5 +1,6 @@
 """The evaluate stage: engine grouping, bad benchmark input, and (slow) end to end on the
-tiny config with the transformers backend and with vLLM (adapter as a LoRARequest)."""
+tiny config with the transformers backend (followed by the ablate stage) and with vLLM (the
+adapter as a LoRARequest)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_missing_upstream_stage_is_named(tiny_cfg, prepared_run, copy_run):
 def check_outputs(run_dir, variants, n_problems=16, max_tokens=16):
     st = run_dir / "evaluate"
     samples = pd.read_parquet(st / "samples.parquet")
-    assert set(SAMPLE_COLUMNS) | {"marker_found", "answer"} == set(samples.columns)
+    assert set(SAMPLE_COLUMNS) | {"marker_found", "answer", "prompt"} == set(samples.columns)
     assert len(samples) == len(variants) * n_problems
     assert samples["variant"].drop_duplicates().tolist() == variants
     assert samples["correct"].dtype == bool and samples["finished"].dtype == bool
@@ -74,7 +75,10 @@ def check_outputs(run_dir, variants, n_problems=16, max_tokens=16):
 
 
 @pytest.mark.slow
-def test_evaluate_stage_end_to_end_transformers(tiny_cfg, prepared_run, copy_run, tiny_model_dir, ray_session):
+def test_evaluate_then_ablate_end_to_end(tiny_cfg, prepared_run, copy_run, tiny_model_dir, ray_session):
+    """Both stages on the tiny config (transformers backend), as the pipeline runs them."""
+    from ray_jobs import ablate
+
     run_dir = copy_run(prepared_run)
     add_trained_stages(run_dir, tiny_model_dir)
     cfg = tiny_cfg(run_dir=run_dir)
@@ -91,7 +95,29 @@ def test_evaluate_stage_end_to_end_transformers(tiny_cfg, prepared_run, copy_run
     assert "% Recovery" in (run_dir / "evaluate" / "table1.md").read_text()
     assert m["extra"]["lora_mode"] == {"base": None, "lora": "peft", "full": None}
     assert set(m["inputs"]) == {"prepare", "train", "train_full"}
+    # The base is prompted in its own chat format (evaluate.base_prompt: plain), the others in s1's.
+    assert m["extra"]["prompt"] == {"base": "plain", "lora": "think", "full": "think"}
     assert evaluate.run(cfg)["finished_at"] == m["finished_at"]  # done: skipped
+
+    m = ablate.run(cfg)
+    st = run_dir / "ablate"
+    comps = pd.read_parquet(st / "kl_components.parquet")
+    assert len(comps) == 14 and comps["column"].tolist()[:2] == ["L00_q_proj", "L00_k_proj"]
+    assert set(comps["kind"]) == {"attn", "mlp"} and (comps["kl_mean"] > 0).all()
+    assert (comps["n_tokens"] == comps["n_tokens"].iloc[0]).all() and comps["n_docs"].iloc[0] == 8
+    layers = pd.read_parquet(st / "kl_layers.parquet")
+    assert layers["layer"].tolist() == [0, 1] and (layers["kl_mean"] > 0).all()
+    groups = pd.read_parquet(st / "groups.parquet")
+    assert sorted(groups["group"]) == ["attn", "mlp"]
+    assert set(groups["benchmark"]) == {"arith-heldout"} and (groups["n_problems"] == 16).all()
+    assert (st / "adapters" / "mlp" / "adapter_model.safetensors").exists()
+    t2 = (st / "table2.md").read_text()
+    assert "LoRA (attn-ablated)" in t2 and "LoRA (mlp-ablated)" in t2
+    abl_samples = pd.read_parquet(st / "samples.parquet")
+    assert set(abl_samples["variant"]) == {"attn_ablated", "mlp_ablated"}
+    assert set(abl_samples["lora_mode"]) == {"peft"}
+    assert m["rows"]["kl_components"] == 14 and set(m["inputs"]) == {"prepare", "train", "evaluate"}
+    assert ablate.run(cfg)["finished_at"] == m["finished_at"]
 
 
 @pytest.mark.slow
