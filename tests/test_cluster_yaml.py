@@ -39,3 +39,16 @@ def test_worker_types_autoscale_from_zero_and_gpu_sizes():
     assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
     big = types["gpu_8x_h200"]["resources"]
     assert big["GPU"] == 8 and big["accelerator_type:H200"] == 8
+
+
+def test_paper_config_requests_fit_the_gpu_worker_type():
+    from rank1_core.config import load_config
+
+    cfg = load_config(REPO / "configs" / "qwen2.5-32b-s1k.yaml")
+    node = _load()["available_node_types"]["gpu_8x_h200"]["resources"]
+    t = cfg.train
+    assert t.num_workers * t.gpus_per_worker <= node["GPU"]
+    assert t.num_workers * t.cpus_per_worker <= node["CPU"]
+    e = cfg.extract
+    assert 0 < e.gpus_per_actor <= node["GPU"] and e.cpus_per_actor * (node["GPU"] // e.gpus_per_actor) <= node["CPU"]
+    assert cfg.evaluate.actor_gpus <= node["GPU"]
