@@ -470,3 +470,34 @@ def test_stage_hashes_ignore_the_subsections_a_stage_does_not_read(tiny_cfg):
     c = tiny_cfg("transcoder.k=4")
     assert section_hash(hash_view(a), "transcoder") != section_hash(hash_view(c), "transcoder")
     assert math.isclose(hash_view(b).transcoder.hesitation.min_share, 0.5)  # default in the training view
+
+
+def test_generation_worker_ablating_no_feature_is_the_adapters_and_all_features_the_base(tiny_model_dir, tmp_path):
+    """The benchmark actor of transcoder_eval: variants share one engine; ablating [] gives the
+    adapters' own generations, ablating every feature (no decoder bias) the base model's."""
+    import pandas as pd
+
+    from rank1_core.models import load_model
+    from rank1_core.transcoder import TranscoderEngineSpec, TranscoderGenerationWorker
+
+    m = load_model(tiny_model_dir)
+    a = TranscoderAdapter.for_model(m, build_cfg(k=4))
+    with torch.no_grad():
+        for l in a.layers:
+            a.layer(l).W_enc.normal_()
+            a.layer(l).W_dec.normal_(std=2.0)
+    a.save(str(tmp_path / "tc"))
+    variants = {"base": None, "transcoder": [], "also_transcoder": [], "all_ablated": list(range(a.n_features))}
+    spec = TranscoderEngineSpec(str(tiny_model_dir), str(tmp_path / "tc"), variants,
+                                {"max_new_tokens": 6, "temperature": 0.0, "n": 1, "seed": 0}, batch_size=4, threads=2)
+    w = TranscoderGenerationWorker(spec.to_dict())
+    prompts = [[151644, 872, 198, 17, 10, 18], [151644, 872, 198, 19], [151644, 77091, 198]]
+    rows = [{"variant": v, "benchmark": "b", "problem_id": str(i), "prompt_ids": p, "answer": "1", "kind": "math",
+             "n_choices": 0} for v in variants for i, p in enumerate(prompts)]
+    out = w(pd.DataFrame(rows))
+    w.close()
+    resp = {v: list(g["response"]) for v, g in out.groupby("variant")}
+    assert len(out) == 12 and set(out["lora_mode"].isna()) == {True}
+    assert resp["transcoder"] == resp["also_transcoder"]
+    assert resp["all_ablated"] == resp["base"]
+    assert resp["transcoder"] != resp["base"]  # the adapters do change the generations
