@@ -231,15 +231,29 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
     return f
 
 
-def build_model(model_dir: str | Path, cfg: TrainConfig, mode: str, num_layers: int, seed: int):
-    """The model to train: the base with a fresh peft adapter (lora), or the base itself (full)."""
+def build_model(model_dir: str | Path, cfg: TrainConfig, mode: str, num_layers: int, seed: int,
+                zero3_config: Optional[dict] = None):
+    """The model to train: the base with a fresh peft adapter (lora), or the base itself (full).
+
+    With a ZeRO-3 DeepSpeed config, the weights are partitioned while they load (transformers'
+    `HfDeepSpeedConfig` -> `deepspeed.zero.Init`), so no worker ever holds the whole model.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from rank1_core.lora import peft_lora_config
 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    hf_ds = None
+    if zero3_config is not None:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rank1" / "torch_extensions"))
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed()  # adopts the torch.distributed group Ray Train set up
+        hf_ds = HfDeepSpeedConfig(zero3_config)  # must stay alive while the model loads
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model._rank1_hf_ds = hf_ds
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

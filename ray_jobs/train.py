@@ -61,8 +61,8 @@ def train_worker(loop_config: dict) -> None:
     from rank1_core.config import config_from_dict
     from rank1_core.models import load_tokenizer
     from rank1_core.rundir import resolve_filesystem
-    from rank1_core.train import (STATE_FILE, TrainState, build_model, load_checkpoint, load_docs,
-                                  make_engine, save_checkpoint, settings, total_steps, train_loop)
+    from rank1_core.train import (STATE_FILE, TrainState, build_model, deepspeed_config, load_checkpoint,
+                                  load_docs, make_engine, save_checkpoint, settings, total_steps, train_loop)
 
     cfg = config_from_dict(loop_config["config"])
     tc, mode = cfg.train, loop_config["mode"]
@@ -77,7 +77,8 @@ def train_worker(loop_config: dict) -> None:
     train_docs, held = load_docs(fs, path, "train"), load_docs(fs, path, "heldout")
     tok = load_tokenizer(loop_config["model_dir"])
     st = settings(tc, mode)
-    model = build_model(loop_config["model_dir"], tc, mode, loop_config["num_layers"], cfg.run.seed)
+    zero3 = deepspeed_config(tc, st.strategy, world) if st.strategy == "deepspeed_zero3" else None
+    model = build_model(loop_config["model_dir"], tc, mode, loop_config["num_layers"], cfg.run.seed, zero3)
     engine = make_engine(model, tc, st, total_steps(train_docs, tc, st, cfg.run.seed, world), rank, world, device)
 
     state = None
