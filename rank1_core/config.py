@@ -410,7 +410,7 @@ class TopkConfig:
     """Tokens of context before each hit."""
     window_after: int = 8
     """Tokens of context after each hit."""
-    sources: Optional[list[Literal["adapter", "neuron", "sae"]]] = None
+    sources: Optional[list[Literal["adapter", "neuron", "sae", "transcoder"]]] = None
     """Feature sources; None: every available one (adapter, neuron if extracted, sae if its
     stage is done). A source listed explicitly must be available."""
     active_threshold: float = 0.0
@@ -843,7 +843,7 @@ class LocalLLMServerConfig:
                               f"got {self.max_tokens!r}")
 
 
-AUTOINTERP_SOURCES = ("adapter", "neuron", "sae")
+AUTOINTERP_SOURCES = ("adapter", "neuron", "sae", "transcoder")
 
 
 @dataclass
@@ -886,7 +886,8 @@ class AutointerpConfig:
     score_negatives: int = 5
     """Non-activating contexts per detection prompt: other features' contexts not overlapping
     any of this feature's top contexts."""
-    category_groups: dict = field(default_factory=lambda: {"directions": ["adapter", "neuron"], "sae": ["sae"]})
+    category_groups: dict = field(default_factory=lambda: {"directions": ["adapter", "neuron"], "sae": ["sae"],
+                                                           "transcoder": ["transcoder"]})
     """Sources sharing one generated category set (paper: LoRA directions with MLP neurons;
     SAE features apart)."""
     category_max_features: int = 200
@@ -964,7 +965,7 @@ class AutointerpConfig:
 class ReportConfig:
     """Tables, figures and HTML feature dashboards of whatever stages of a run are done."""
 
-    sources: Optional[list[Literal["adapter", "neuron", "sae"]]] = None
+    sources: Optional[list[Literal["adapter", "neuron", "sae", "transcoder"]]] = None
     """Feature sources with dashboards (None: every source the run has)."""
     contexts: int = 64
     """Top contexts shown per feature and sign (paper: 64; at most topk.k exist)."""

@@ -36,7 +36,7 @@ from rank1_core import sql as S
 from rank1_core.config import TopkConfig
 from rank1_core.rundir import RunDir, StageDir
 
-SOURCES = ("adapter", "neuron", "sae")
+SOURCES = ("adapter", "neuron", "sae", "transcoder")
 
 CONTEXTS_SCHEMA = pa.schema([
     ("source", pa.string()), ("feature", pa.string()), ("sign", pa.string()), ("rank", pa.int32()),
@@ -98,7 +98,8 @@ def _read_column(run: RunDir, stage: str, rel: str, column: str) -> list:
     return pq.read_table(st.path(rel), columns=[column], filesystem=st.fs).column(column).to_pylist()
 
 
-def available_sources(run: RunDir, views: dict[str, int], cfg: TopkConfig, sae_done: bool) -> list[Source]:
+def available_sources(run: RunDir, views: dict[str, int], cfg: TopkConfig, sae_done: bool,
+                      transcoder_done: bool = False) -> list[Source]:
     """The sources to rank: every available one, or exactly `cfg.sources` (each must exist)."""
     found: dict[str, Source] = {}
     reasons: dict[str, str] = {}
@@ -116,6 +117,11 @@ def available_sources(run: RunDir, views: dict[str, int], cfg: TopkConfig, sae_d
         found["sae"] = Source("sae", "sae_features", "sparse")
     else:
         reasons["sae"] = "the sae stage has not finished (no sae/_SUCCESS or no sae/features/*.parquet)"
+    if transcoder_done and "transcoder_features" in views:
+        found["transcoder"] = Source("transcoder", "transcoder_features", "sparse")
+    else:
+        reasons["transcoder"] = ("the transcoder_extract stage has not finished (no transcoder_extract/_SUCCESS or no "
+                                 "transcoder_extract/features/*.parquet)")
     if cfg.sources is None:
         return [found[s] for s in SOURCES if s in found]
     missing = [s for s in cfg.sources if s not in found]
@@ -161,7 +167,7 @@ def rank_source(con, source: Source, cfg: TopkConfig, log: Callable[[str], None]
             log(f"[topk] {source.name}: {i + 1}/{len(passes)} passes, {dt:.1f}s")
 
 
-def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool = False,
+def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool = False, transcoder_done: bool = False,
              log: Callable[[str], None] = print) -> TopkResult:
     """Rank every available source; write `contexts.parquet` and `stats.parquet` into `stage`."""
     run = run if isinstance(run, RunDir) else RunDir(str(run))
@@ -171,13 +177,14 @@ def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool
         con = S.connect(None, memory_limit=cfg.memory_limit, threads=cfg.threads,
                         temp_directory=str(tmp / "spill"), database=str(tmp / "topk.duckdb"))
         views = S.register_views(con, run, ["activations", "neurons", "tokens", "components",
-                                            "neuron_catalogue", "sae_features", "sae_latents"])
+                                            "neuron_catalogue", "sae_features", "sae_latents",
+                                            "transcoder_features"])
         if "tokens" not in views:
             raise TopkError(f"no token table in {run.stage('extract').uri}/tokens: run the extract stage first")
         n_tokens = con.execute("SELECT count(*) FROM tokens").fetchone()[0]
         if n_tokens == 0:
             raise TopkError(f"the token table {run.stage('extract').uri}/tokens is empty: nothing to rank")
-        sources = available_sources(run, views, cfg, sae_done)
+        sources = available_sources(run, views, cfg, sae_done, transcoder_done)
         if not sources:
             raise TopkError("no feature source to rank (no adapter activations, neurons or SAE features)")
         res.sources = [s.name for s in sources]

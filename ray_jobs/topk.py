@@ -27,10 +27,13 @@ def run(cfg: Config, force: bool = False) -> dict:
     # SAE features are a source when asked for (then the sae stage must be done), or by
     # default when the sae stage has finished; its hash then enters this stage's hash.
     use_sae = ("sae" in sources) if sources is not None else run_dir.stage("sae").is_done()
-    upstream = ("extract", "sae") if use_sae else ("extract",)
+    # transcoder adapter features likewise, once transcoder_extract is done (its features and
+    # extract's tokens must cover the same splits: transcoder.extract.splits = extract.splits).
+    use_tc = ("transcoder" in sources) if sources is not None else run_dir.stage("transcoder_extract").is_done()
+    upstream = ("extract",) + (("sae",) if use_sae else ()) + (("transcoder_extract",) if use_tc else ())
 
     def body(sr):
-        res = run_topk(run_dir, sr.stage, cfg.topk, sae_done=use_sae,
+        res = run_topk(run_dir, sr.stage, cfg.topk, sae_done=use_sae, transcoder_done=use_tc,
                        log=lambda m: print(m, flush=True))
         sr.rows.update(res.rows)
         sr.timings.update(res.timings)
