@@ -123,9 +123,9 @@ def run(cfg: Config, force: bool = False) -> dict:
         extract = stage.run.stage("extract")
         with sr.timed("check_inputs"):
             inputs = StageInputs.from_extract(extract.fs, extract.path())
-        if sc.num_workers > len(inputs.files):
+        if sc.loader == "pyarrow" and sc.num_workers > len(inputs.files):
             raise SAEInputError(f"sae.num_workers ({sc.num_workers}) exceeds the {len(inputs.files)} activation "
-                                "files: every worker encodes whole files")
+                                "files: with sae.loader pyarrow every worker trains on whole files (use ray_data)")
         spe, total = plan_steps(sc, inputs.tokens,
                                 inputs.shard_tokens(sc.num_workers) if sc.loader == "pyarrow" else None)
         with sr.timed("fit_normalization"):
