@@ -537,3 +537,16 @@ def test_train_local_outputs(tmp_path):
         assert fvu_raw == pytest.approx(summary["fvu_raw"], rel=1e-3)
     assert summary["fvu"] < 0.3 and summary["l0"] == pytest.approx(feats.num_rows / 3000, rel=0.2)
     assert 0 < summary["nmse"] < 1 and summary["fve"] == pytest.approx(1 - summary["fvu"])
+
+
+def test_stage_rejects_bad_input_before_starting_ray(tiny_cfg, tmp_path):
+    from ray_jobs import sae
+
+    run = tmp_path / "run"
+    write_extract_stage(run, tokens=300, table_edit=lambda i, t: t.drop_columns(["L00_k_proj"]))
+    with pytest.raises(SAEInputError, match=r"part-00000.parquet: missing 1 component column.*L00_k_proj"):
+        sae.run(tiny_cfg(run_dir=run))
+    assert not (run / "sae" / "_SUCCESS").exists()
+    with pytest.raises(SAEInputError, match=r"sae.batch_size \(4096\) exceeds the 300 tokens"):
+        write_extract_stage(tmp_path / "small", tokens=300)
+        sae.run(tiny_cfg("sae.batch_size=4096", run_dir=tmp_path / "small"))
