@@ -460,8 +460,10 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
     group_of = {s: g for g, srcs in a.category_groups.items() for s in srcs}
     groups: dict[str, dict] = {}
     batch: list[LLMRequest] = []
+    present = {fx.source for fx in features}
     for g, srcs in a.category_groups.items():
-        srcs = [s for s in srcs if s in a.sources]
+        # A group whose sources the run does not have (e.g. no transcoder) makes no call.
+        srcs = [s for s in srcs if s in a.sources and s in present]
         if not srcs:
             continue
         shown = _category_sample(explained, srcs, a.category_max_features, seed, g)
