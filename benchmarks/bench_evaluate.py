@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def prompts(model_dir, n: int, think: bool = True) -> list[list[int]]:
+def prompts(model_dir, n: int, think: bool = True, suffix: str = "") -> list[list[int]]:
     from rank1_core.config import BenchmarkConfig, ModelConfig
     from rank1_core.data.format import prompt_text
     from rank1_core.data.io import Skipped
@@ -41,7 +41,8 @@ def prompts(model_dir, n: int, think: bool = True) -> list[list[int]]:
     rows = load_benchmark(b, 0, Skipped())
     tok = load_tokenizer(model_dir)
     mc = ModelConfig()
-    return [tok(prompt_text(tok, r["question"], mc, think=think), add_special_tokens=False)["input_ids"] for r in rows]
+    return [tok(prompt_text(tok, r["question"] + suffix, mc, think=think), add_special_tokens=False)["input_ids"]
+            for r in rows]
 
 
 def adapter_for(model_dir, path: str | None, tmp: str, b_scale: float) -> str:
@@ -58,9 +59,11 @@ def bench_generation(args) -> None:
     from rank1_core.models import resolve_model_dir
 
     model_dir = resolve_model_dir(ModelConfig(name=args.model))
-    # Plain chat prompts: an untrained (near-zero) adapter then writes full-length answers,
-    # whereas after the think marker the base SmolLM2 stops at once.
-    ids = prompts(model_dir, args.prompts, think=False)
+    # Plain chat prompts asking for the steps: an untrained (near-zero) adapter then writes
+    # long answers (decode-bound, like the trained LoRA's ~70-token traces), whereas after the
+    # think marker the base SmolLM2 stops at once.
+    ids = prompts(model_dir, args.prompts, think=False,
+                  suffix=" Explain every step in detail, then check your work twice.")
     s = SamplingSettings(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = adapter_for(model_dir, args.adapter, tmp, args.b_scale)
@@ -73,13 +76,14 @@ def bench_generation(args) -> None:
                 gens[backend] = make_generator(backend, model_dir, {"lora": adapter}, "auto", s, vllm=vopts,
                                                batch_size=args.batch_size, threads=args.threads)
                 gens[backend].generate(ids[:2], "lora")  # warm-up
-                res[backend] = dict(start=time.perf_counter() - t0, secs=0.0, tokens=0, ids=[])
+                res[backend] = dict(start=time.perf_counter() - t0, secs=0.0, cpu=0.0, tokens=0, ids=[])
             # Backends alternate chunk by chunk, so both see the same machine load.
             for i in range(0, len(ids), args.batch_size):
                 for backend in backends:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     outs = gens[backend].generate(ids[i:i + args.batch_size], "lora")
                     res[backend]["secs"] += time.perf_counter() - t0
+                    res[backend]["cpu"] += time.process_time() - c0
                     res[backend]["tokens"] += sum(o[0].n_tokens for o in outs)
                     res[backend]["ids"] += [o[0].token_ids for o in outs]
         finally:
@@ -87,11 +91,15 @@ def bench_generation(args) -> None:
                 g.close()
         for backend, r in res.items():
             r["tps"] = r["tokens"] / r["secs"]
+            r["tpc"] = r["tokens"] / r["cpu"]
             print(f"{backend:>12} ({gens[backend].lora_mode_name}): start-up {r['start']:6.1f} s, {len(ids)} prompts, "
-                  f"{r['tokens']} tokens in {r['secs']:6.1f} s = {r['tps']:7.1f} generated tokens/s", flush=True)
+                  f"{r['tokens']} tokens in {r['secs']:6.1f} s = {r['tps']:7.1f} generated tokens/s "
+                  f"({r['cpu']:6.1f} CPU-s = {r['tpc']:7.1f} tokens per CPU-second)", flush=True)
     if "vllm" in res:
         same = sum(a == b for a, b in zip(res["vllm"]["ids"], res["transformers"]["ids"]))
         print(f"responses of {res['vllm']['tokens'] / len(ids):.0f} tokens on average (budget {args.max_new_tokens})")
+        print(f"vLLM / transformers per CPU-second: {res['vllm']['tpc'] / res['transformers']['tpc']:.2f}x "
+              "(robust to other load on the machine)")
         print(f"vLLM / transformers generated tokens/s: {res['vllm']['tps'] / res['transformers']['tps']:.2f}x; "
               f"identical greedy responses: {same}/{len(ids)}")
 
@@ -123,21 +131,27 @@ def bench_kl(args) -> None:
         abl = {True: KLAblator(model, plan, args.per_pass, restart=True),
                False: KLAblator(model, plan, args.per_pass, restart=False)}
         # (Each ablator's hooks act only during its own calls, so both can stay attached.)
-        res, n_tok = {True: 0.0, False: 0.0}, 0
+        res, cpu, n_tok = {True: 0.0, False: 0.0}, {True: 0.0, False: 0.0}, 0
         for i in range(0, len(docs), args.batch_docs):
             batch = (list(range(i, i + args.batch_docs)), docs[i:i + args.batch_docs], masks[i:i + args.batch_docs])
             for restart in (True, False):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 r = abl[restart](*batch)
                 res[restart] += time.perf_counter() - t0
+                cpu[restart] += time.process_time() - c0
             n_tok += sum(x["n_tokens"] for x in r.rows if x["ablation"] == plan[0].name)
             print(f"  batch {i // args.batch_docs}: restart {res[True]:.1f} s, full {res[False]:.1f} s (cumulative)",
                   flush=True)
         for restart in (True, False):
             label = "restart at layer" if restart else "full passes (baseline)"
             print(f"{label:>24}: {len(plan)} ablations x {n_tok} scored tokens ({sum(map(len, docs))} tokens) "
-                  f"in {res[restart]:6.1f} s = {len(plan) * n_tok / res[restart]:8.1f} ablation-tokens/s", flush=True)
-        print(f"restart / full passes speed-up: {res[False] / res[True]:.2f}x; threads {torch.get_num_threads()}")
+                  f"in {res[restart]:6.1f} s = {len(plan) * n_tok / res[restart]:8.1f} ablation-tokens/s "
+                  f"({cpu[restart]:6.1f} CPU-s)", flush=True)
+        print(f"restart / full passes speed-up: {res[False] / res[True]:.2f}x wall, {cpu[False] / cpu[True]:.2f}x CPU; "
+              f"threads {torch.get_num_threads()}")
+        idle = cpu[True] / torch.get_num_threads() / len(docs)
+        print(f"on an idle machine (CPU-s / threads): ~{idle:.1f} s per trace -> 8 traces ~{8 * idle / 60:.1f} min, "
+              f"16 ~{16 * idle / 60:.1f} min, 32 ~{32 * idle / 60:.1f} min")
         per_doc = res[True] / len(docs)
         print(f"per trace ({sum(map(len, docs)) / len(docs):.0f} tokens): {per_doc:.1f} s -> 32 held-out traces "
               f"~{32 * per_doc / 60:.1f} min, 16 ~{16 * per_doc / 60:.1f} min")
