@@ -92,4 +92,11 @@ def stage_cli(name: str, run_fn: Callable[[Config, bool], dict], argv: list[str]
     except (ConfigError, StageNotDone) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        # Bad input found by a stage (DataError, SAEInputError, ...): its message names the
+        # file/row/key at fault. RANK1_DEBUG=1 shows the traceback too.
+        if os.environ.get("RANK1_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     return 0
