@@ -12,8 +12,10 @@ round reported):
   write     Extractor.__call__: compute + three Parquet files written and renamed
   ratio = method tokens/s / bare tokens/s (target >= 0.85).
 Part 2: the real stage (`ray_jobs.extract.run`, Ray Data actor pool) on synthetic traces of
-growing size, each in a fresh process: wall time, tokens/s, the marginal tokens/s between
-sizes (start-up excluded), peak RSS of the driver and of the actors, bytes written.
+growing size, each in a fresh process, and right after it in the same Ray instance the same
+pipeline with a bare-forward actor (same pool, same batches): wall time and actor CPU time
+of both, the marginal rates between sizes (start-up excluded), peak RSS of the driver and of
+the actors, bytes written. On a shared machine compare CPU time, not wall time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from rank1_core.activations import max_rss_mb  # noqa: E402  (peak RSS of this process: VmHWM)
 
 
 def synthetic_docs(n_tokens: int, doc_len: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
@@ -140,6 +143,59 @@ def part1(args, model_dir: Path, adapter: Path) -> dict:
     return out
 
 
+class BareForward:
+    """The baseline inside Ray: the same actor pool and batches, only the forward passes the
+    extraction makes (adapted decoder, plus the decoder with the adapter disabled when
+    neurons are extracted). No hooks, no output."""
+
+    def __init__(self, model_dir, adapter_dir, batch_tokens, dtype, neurons):
+        import torch
+
+        from rank1_core.models import load_model
+
+        torch.set_num_threads(1)
+        self.model = load_model(model_dir, dtype=dtype, adapter=adapter_dir)
+        lm = self.model.get_base_model()
+        self.decoder = getattr(lm, lm.base_model_prefix)
+        self.batch_tokens, self.neurons = batch_tokens, neurons
+
+    def __call__(self, batch):
+        import torch
+
+        from rank1_core.activations import cpu_seconds, plan_forward_batches
+
+        docs = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+        with torch.inference_mode():
+            for g in plan_forward_batches([len(d) for d in docs], self.batch_tokens):
+                t = torch.zeros((len(g), max(len(docs[i]) for i in g)), dtype=torch.long)
+                for r, i in enumerate(g):
+                    t[r, : len(docs[i])] = torch.from_numpy(docs[i])
+                self.decoder(input_ids=t, use_cache=False)
+                if self.neurons:
+                    with self.model.disable_adapter():
+                        self.decoder(input_ids=t, use_cache=False)
+        return {"tokens": np.asarray([sum(len(d) for d in docs)]), "cpu_s": np.asarray([cpu_seconds()]),
+                "pid": np.asarray([os.getpid()])}
+
+
+def ray_bare(cfg, model_dir, adapter_dir) -> dict:
+    import ray
+
+    ec = cfg.extract
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(str(Path(cfg.run.dir) / "prepare" / "tokens")).select_columns(
+        ["doc_id", "split", "input_ids"])
+    ds = ds.repartition(target_num_rows_per_block=ec.batch_docs)
+    ds = ds.map_batches(BareForward, fn_constructor_kwargs=dict(
+        model_dir=str(model_dir), adapter_dir=str(adapter_dir), batch_tokens=ec.batch_tokens,
+        dtype=cfg.model.dtype, neurons=ec.mlp_neurons > 0), batch_size=ec.batch_docs, batch_format="numpy",
+        concurrency=ec.actors, num_cpus=ec.cpus_per_actor)
+    rows = list(ds.iter_rows())
+    wall = time.perf_counter() - t0
+    cpu = sum(max(float(r["cpu_s"]) for r in rows if r["pid"] == pid) for pid in {int(r["pid"]) for r in rows})
+    return {"wall_s": round(wall, 2), "actor_cpu_s": round(cpu, 1), "tokens": int(sum(int(r["tokens"]) for r in rows))}
+
+
 def ray_child(args) -> dict:
     """One run of the real stage on `args.child_tokens` synthetic tokens (in a fresh process)."""
     import pyarrow as pa
@@ -179,11 +235,15 @@ def ray_child(args) -> dict:
     m = extract.run(cfg)
     wall = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in (run_dir / "extract").rglob("*.parquet"))
+    from rank1_core.models import resolve_model_dir
+
+    bare = ray_bare(cfg, resolve_model_dir(cfg.model), train.local_path("adapter"))
     return {"tokens": m["rows"]["tokens"], "docs": m["rows"]["docs"], "files": m["rows"]["files"],
+            "bare_wall_s": bare["wall_s"], "bare_actor_cpu_s": bare["actor_cpu_s"],
             "wall_s": round(wall, 2), "extract_s": m["timings"]["extract"],
             "tokens_per_s": m["extra"]["tokens_per_s"], "actor_max_rss_mb": m["extra"]["actor_max_rss_mb"],
             "actor_cpu_s": m["extra"]["actor_cpu_s"],
-            "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "driver_max_rss_mb": round(max_rss_mb(), 1),
             "bytes_written": size}
 
 
@@ -203,13 +263,19 @@ def part2(args, adapter: Path) -> list[dict]:
                 raise SystemExit(f"ray run with {n} tokens failed")
             r = json.loads(line[-1][len("RESULT "):])
             out.append(r)
-            print(f"  ray  {r['tokens']:>9,} tokens: wall {r['wall_s']:7.1f}s  {r['tokens_per_s']:8.1f} tok/s  "
+            print(f"  ray  {r['tokens']:>9,} tokens: bare pipeline wall {r['bare_wall_s']:7.1f}s actor CPU "
+                  f"{r['bare_actor_cpu_s']:6.1f}s | extraction wall {r['wall_s']:7.1f}s  {r['tokens_per_s']:8.1f} tok/s  "
                   f"actor CPU {r['actor_cpu_s']:6.1f}s  driver RSS {r['driver_max_rss_mb']:6.0f} MB  "
                   f"actor RSS {r['actor_max_rss_mb']:6.0f} MB  "
                   f"{r['bytes_written'] / r['tokens']:.0f} B/token", flush=True)
     for a, b in zip(out, out[1:]):
         b["marginal_tokens_per_s"] = round((b["tokens"] - a["tokens"]) / max(b["extract_s"] - a["extract_s"], 1e-9), 1)
         b["marginal_tokens_per_cpu_s"] = round((b["tokens"] - a["tokens"]) / max(b["actor_cpu_s"] - a["actor_cpu_s"], 1e-9), 1)
+        dn = b["tokens"] - a["tokens"]
+        b["bare_marginal_tokens_per_s"] = round(dn / max(b["bare_wall_s"] - a["bare_wall_s"], 1e-9), 1)
+        b["bare_marginal_tokens_per_cpu_s"] = round(dn / max(b["bare_actor_cpu_s"] - a["bare_actor_cpu_s"], 1e-9), 1)
+        b["marginal_wall_vs_bare"] = round((b["bare_wall_s"] - a["bare_wall_s"]) / max(b["wall_s"] - a["wall_s"], 1e-9), 3)
+        b["marginal_cpu_vs_bare"] = round(b["marginal_tokens_per_cpu_s"] / b["bare_marginal_tokens_per_cpu_s"], 3)
     return out
 
 
@@ -258,7 +324,10 @@ def main() -> None:
             result["ray"] = part2(args, adapter)
             ip = result.get("in_process")
             for r in result["ray"][1:]:
-                print(f"  marginal throughput (start-up excluded): {r['marginal_tokens_per_s']:.1f} tok/s"
+                print(f"  marginal, start-up excluded: extraction {r['marginal_tokens_per_cpu_s']:.1f} tok per actor CPU-s, "
+                      f"bare pipeline {r['bare_marginal_tokens_per_cpu_s']:.1f} -> {r['marginal_cpu_vs_bare']:.1%} "
+                      f"(wall: {r['marginal_wall_vs_bare']:.1%})")
+                print(f"  vs the in-process bare forward: {r['marginal_tokens_per_s']:.1f} tok/s"
                       + (f" = {r['marginal_tokens_per_s'] / ip['bare_tokens_per_s']:.1%} of bare" if ip else "")
                       + f"; {r['marginal_tokens_per_cpu_s']:.1f} tok per actor CPU-s"
                       + (f" = {r['marginal_tokens_per_cpu_s'] / ip['bare_tokens_per_cpu_s']:.1%} of bare" if ip else ""))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from rank1_core.activations import max_rss_mb  # noqa: E402  (peak RSS of this process: VmHWM)
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROWS_PER_FILE = 250_000
 
@@ -99,7 +100,7 @@ def run_duckdb(args, run: Path) -> dict:
     res = run_topk(rd, st, cfg, log=lambda m: print("   ", m, flush=True))
     wall = time.perf_counter() - t0
     return {"method": "duckdb", "wall_s": round(wall, 2), "timings": res.timings, "rows": res.rows,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(max_rss_mb(), 1)}
 
 
 def run_numpy(args, run: Path) -> dict:
@@ -130,7 +131,7 @@ def run_numpy(args, run: Path) -> dict:
     compute = time.perf_counter() - t1
     return {"method": "numpy", "wall_s": round(load + compute, 2), "load_s": round(load, 2),
             "argpartition_s": round(compute, 2), "array_gb": round(X.nbytes / 1e9, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(max_rss_mb(), 1)}
 
 
 def child(args, method: str, run: Path) -> dict:

@@ -332,6 +332,15 @@ def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, compression: s
 
 
 def max_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would include a forking
+    parent's peak on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -558,6 +567,23 @@ def finalize_outputs(stage: StageDir, files: Sequence[str], tables: Sequence[str
         if missing:
             raise ExtractError(f"{stage.uri_of(t)}: reported batch files are missing: {missing[:5]}")
     return deleted
+
+
+def check_columns(stage: StageDir, name: str, info: AdapterInfo, num_layers: int, n_neurons: int) -> None:
+    """The written columns are the catalogue's (the actors saw the adapter the driver read)."""
+    want = {
+        "activations": ["doc_id", "pos", "token_id"] + [c.column for c in info.components],
+        "neurons": ["doc_id", "pos"] + [c for c, _, _ in neuron_columns(num_layers, n_neurons)],
+        "tokens": ["doc_id", "pos", "token_id", "token", "split"],
+    }
+    for t, cols in want.items():
+        if t == "neurons" and not n_neurons:
+            continue
+        got = pq.read_schema(stage.path(t, name), filesystem=stage.fs).names
+        if got != cols:
+            extra, missing = sorted(set(got) - set(cols)), sorted(set(cols) - set(got))
+            raise ExtractError(f"{stage.uri_of(t, name)}: columns differ from the catalogue "
+                               f"(extra {extra[:5]}, missing {missing[:5]})")
 
 
 def verify_exactly_once(stage: StageDir, expected_tokens: int, tables: Sequence[str]) -> dict[str, int]:

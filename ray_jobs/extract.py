@@ -72,6 +72,7 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
                 raise A.ExtractError(f"batches reported twice: {dup[:5]} (duplicate doc_ids in prepare/tokens?)")
             deleted = A.finalize_outputs(st, files, tables)
             counts = A.verify_exactly_once(st, count.tokens, tables)
+            A.check_columns(st, files[0], info, num_layers, n_neurons)
         secs = sr.timings.get("extract") or 1e-9
         sr.rows.update({"docs": count.docs, "tokens": count.tokens, "files": len(files),
                         "components": len(info.components), "neurons": num_layers * n_neurons,

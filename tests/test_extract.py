@@ -291,6 +291,11 @@ def test_batch_files_are_idempotent(tiny_model_dir, adapter_all, tmp_path):
     deleted = A.finalize_outputs(st, [name, str(s3["file"][0])], A.TABLES)
     assert deleted == 1 + 3  # the temp file, and the orphan in each of the three tables
     assert not st.exists("tokens", str(orphan))
+    info = A.read_adapter(adapter_all, 2)
+    A.check_columns(st, name, info, 2, 4)
+    info.components = info.components[1:]  # as if the actors had loaded another adapter
+    with pytest.raises(A.ExtractError, match=r"columns differ from the catalogue \(extra \['L00_q_proj'\]"):
+        A.check_columns(st, name, info, 2, 4)
     counts = A.verify_exactly_once(st, 10 + 12, A.TABLES)
     assert counts == {"activations": 22, "neurons": 22, "tokens": 22}
     # a duplicate row is caught
