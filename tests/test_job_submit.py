@@ -24,7 +24,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
              "python", "-m", "ray_jobs.pipeline", "--config", "configs/tiny.yaml", "--run", str(run),
              # the Ray-using stages: Ray Train, Ray Data actors, DuckDB
              "stages=[prepare,train,extract,topk]"],
-            env=head.env, capture_output=True, text=True, timeout=900, cwd=REPO)
+            env=head.env, capture_output=True, text=True, timeout=1500, cwd=REPO)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr)
     for stage in ("prepare", "train", "extract", "topk"):
