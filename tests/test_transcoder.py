@@ -235,16 +235,16 @@ def test_loss_terms_equal_a_direct_computation():
         h.remove()
     kl = float((lt.exp() * (lt - la)).sum().detach() / kmask.sum())
     fvus, sp = [], 0.0
-    for l in a.layers:
-        x, out_with = cap[l]
-        x = x[real]
-        branch = a.layer(l)(x)
-        base_out = out_with[real] - branch
-        with torch.no_grad():
+    with torch.no_grad():
+        for l in a.layers:
+            x, out_with = cap[l]
+            x = x[real]
+            branch = a.layer(l)(x)
+            base_out = out_with[real] - branch
             d = decoder_layers(target)[l].mlp(x) - base_out
-        fvus.append(float((branch - d).pow(2).sum() / (d - d.mean(0)).pow(2).sum()))
-        vals, idx = a.layer(l).encode(x)
-        sp += float((vals * a.layer(l).W_dec.norm(dim=1)[idx]).sum() / real.sum())
+            fvus.append(float((branch - d).pow(2).sum() / (d - d.mean(0)).pow(2).sum()))
+            vals, idx = a.layer(l).encode(x)
+            sp += float((vals * a.layer(l).W_dec.norm(dim=1)[idx]).sum() / real.sum())
     recon = float(np.mean(fvus))
     assert stats[1].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
     assert stats[2].item() == pytest.approx(recon, rel=1e-4)
