@@ -724,6 +724,7 @@ def plot_target(results, target: str, path: str | Path, dpi: int = 110, title_ex
     kind = own["target_kind"].iloc[0]
     rnd = r[r["target_kind"] == "random"]
     base = results[results["target_kind"] == "none"]
+    ticks = sorted(float(a) for a in own["alpha"].unique())
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (col, label) in zip(axes.flat, MEASURES):
         for mode, m in own.groupby("mode", sort=False):
@@ -735,13 +736,17 @@ def plot_target(results, target: str, path: str | Path, dpi: int = 110, title_ex
                 band = rm.groupby("alpha")[col].agg(["min", "max", "mean"]).sort_index()
                 n_seeds = rm["seed"].nunique()
                 ax.fill_between(band.index, band["min"], band["max"], color=colour, alpha=0.18, lw=0,
-                                label=f"random directions ({n_seeds} seeds, min-max)")
-                ax.plot(band.index, band["mean"], "--", color=colour, lw=1, alpha=0.8, label="random mean")
+                                label=f"random directions, {mode} ({n_seeds} seeds, min-max)")
+                ax.plot(band.index, band["mean"], "--", color=colour, lw=1, alpha=0.8,
+                        label=f"random directions, {mode} (mean)")
         if not base.empty:
             ax.axhline(float(base[col].iloc[0]), color="0.4", ls=":", lw=1.2, label="unsteered")
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{a:g}" for a in ticks], fontsize=8)
         if col == "kl_mean":
             ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0)
         if col == "accuracy":
             ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel(label)

@@ -151,5 +151,6 @@ def test_dead_sae_feature_and_no_hesitation_context(tiny_cfg, topk_run, tmp_path
     with pytest.raises(SteerError, match=f"'{dead}' is not live"):
         steer.run(tiny_cfg(*STEER, f"steer.sae_features=[{dead}]", run_dir=run_dir))
     with pytest.raises(SteerError, match="no component has a top positive context"):
-        steer.run(tiny_cfg("steer.hesitation_tokens=[Nonexistentword]", "steer.auto_components=2", run_dir=run_dir))
+        steer.run(tiny_cfg("steer.hesitation_tokens=[Nonexistentword]", "steer.auto_components=2",
+                           "steer.components=[]", run_dir=run_dir))
     assert not (run_dir / "steer").exists()
