@@ -124,15 +124,20 @@ def _write(table, args) -> None:
         return
     if args.format == "json":
         text = "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist())
-    else:  # table into a file
-        import duckdb
-
-        text = str(duckdb.sql("SELECT * FROM table"))
+    else:  # table into a file: aligned plain text, every row
+        text = _aligned(table)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
+
+
+def _aligned(table) -> str:
+    cells = [[str(v) for v in table.column_names]] + [
+        ["NULL" if v is None else str(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.column_names))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in cells)
 
 
 if __name__ == "__main__":
