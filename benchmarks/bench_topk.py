@@ -14,7 +14,7 @@ Then, each in a fresh process so that peak RSS is its own:
   numpy   the whole table loaded into one float32 array in memory, then np.argpartition per
           column for the top and bottom k (no per-document cap, no contexts, no statistics).
 
-Prints wall time and peak RSS of each. Values are float32 (the stage's storage type).
+Prints wall time, CPU time (all threads) and peak RSS of each. Values are float32 (the stage's storage type).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rank1_core.activations import max_rss_mb  # noqa: E402  (peak RSS of this process: VmHWM)
+from rank1_core.activations import cpu_seconds, max_rss_mb  # noqa: E402  (VmHWM; CPU time, all threads)
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROWS_PER_FILE = 250_000
 
@@ -99,7 +99,8 @@ def run_duckdb(args, run: Path) -> dict:
     t0 = time.perf_counter()
     res = run_topk(rd, st, cfg, log=lambda m: print("   ", m, flush=True))
     wall = time.perf_counter() - t0
-    return {"method": "duckdb", "wall_s": round(wall, 2), "timings": res.timings, "rows": res.rows,
+    return {"method": "duckdb", "wall_s": round(wall, 2), "cpu_s": round(cpu_seconds(), 1),
+            "timings": res.timings, "rows": res.rows,
             "peak_rss_mb": round(max_rss_mb(), 1)}
 
 
@@ -129,7 +130,8 @@ def run_numpy(args, run: Path) -> dict:
         lo = np.argpartition(x, k)[:k]
         bottom[c] = lo[np.argsort(x[lo])]
     compute = time.perf_counter() - t1
-    return {"method": "numpy", "wall_s": round(load + compute, 2), "load_s": round(load, 2),
+    return {"method": "numpy", "wall_s": round(load + compute, 2), "cpu_s": round(cpu_seconds(), 1),
+            "load_s": round(load, 2),
             "argpartition_s": round(compute, 2), "array_gb": round(X.nbytes / 1e9, 2),
             "peak_rss_mb": round(max_rss_mb(), 1)}
 
@@ -185,13 +187,14 @@ def main() -> None:
         r = child(args, "duckdb", run)
         results.append(r)
         print(f"  wall {r['wall_s']:.1f}s (ranking {r['timings']['adapter_rank']:.1f}s, contexts+stats "
-              f"{r['timings']['adapter_write']:.1f}s), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+              f"{r['timings']['adapter_write']:.1f}s), CPU {r['cpu_s']:.0f}s, peak RSS {r['peak_rss_mb']:.0f} MB",
+              flush=True)
     if args.numpy:
         print("numpy (whole table in memory, argpartition top and bottom k per component):", flush=True)
         r = child(args, "numpy", run)
         results.append(r)
         print(f"  wall {r['wall_s']:.1f}s (load {r['load_s']:.1f}s, argpartition {r['argpartition_s']:.1f}s), "
-              f"array {r['array_gb']:.1f} GB, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+              f"CPU {r['cpu_s']:.0f}s, array {r['array_gb']:.1f} GB, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     print("JSON " + json.dumps({"tokens": args.tokens, "components": args.components, "disk_gb": round(disk / 1e9, 2),
                                 "results": results}))
     if args.delete:
