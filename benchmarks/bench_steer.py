@@ -13,9 +13,12 @@ round reported:
   sae/random  a direction added to every component (one hook per component: 210 on SmolLM2)
   kl          the teacher-forced KL of one work unit: two forward passes over prompt +
               response, the head only at response positions
-ratio = method time / unsteered time (target <= 1.10 for the hooks). Then the cost of one
-work unit (generation + KL) and, from it, the wall time of a steer configuration:
-units = conditions x ceil(prompts / batch), run on `--actors` actors sharing the cores.
+ratio = method time / unsteered time (target <= 1.10 for the hooks). Both wall time and the
+process's CPU time are reported: on a shared machine the wall time measures the other jobs,
+the CPU time (with one torch thread, `--threads 1`, no spinning threads) the work. Then the
+cost of one work unit (generation + KL) and, from it, the wall time of a steer configuration
+on an otherwise idle machine: units = conditions x ceil(prompts / batch), spread over
+`--actors` single-threaded actors on min(actors, cores) cores.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +61,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = work)")
     # a steer configuration to size (defaults: the demo values proposed in notes/readme-steer.md)
     p.add_argument("--targets", type=int, default=2, help="components steered")
     p.add_argument("--modes", type=int, default=1)
@@ -121,35 +125,40 @@ def main() -> None:
                        lambda wd: SteeringHooks(w.model, target, prompt_width=wd))
 
     best: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+
+    def timed(name, fn):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
+        cpu[name] = min(cpu.get(name, math.inf), time.process_time() - c)
+
     for _ in range(args.rounds):
         for name, cond in methods.items():
-            t = time.perf_counter()
-            gen(cond)
-            best[name] = min(best.get(name, math.inf), time.perf_counter() - t)
-        t = time.perf_counter()
-        kl_once()
-        best["kl"] = min(best.get("kl", math.inf), time.perf_counter() - t)
-    base = best["unsteered"]
+            timed(name, lambda: gen(cond))
+        timed("kl", kl_once)
     steps = args.batch * args.new_tokens
-    print(f"\n{'method':<12} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
-    for name, s in best.items():
-        tps = f"{steps / s:9.1f}" if name != "kl" else f"{'':>9}"
-        print(f"{name:<12} {s:8.2f} {tps} {s / base:6.2f}")
-    unit = max(best["component"], best["sae/random"]) + best["kl"]
+    print(f"\n{'method':<12} {'wall s':>8} {'cpu s':>8} {'tok/cpu-s':>10} {'ratio wall':>11} {'ratio cpu':>10}")
+    for name in best:
+        tps = f"{steps / cpu[name]:10.1f}" if name != "kl" else f"{'':>10}"
+        print(f"{name:<12} {best[name]:8.2f} {cpu[name]:8.2f} {tps} {best[name] / best['unsteered']:11.2f} "
+              f"{cpu[name] / cpu['unsteered']:10.2f}")
+    unit = max(cpu["component"], cpu["sae/random"]) + cpu["kl"]
     conds = 1 + args.targets * args.modes * args.alphas * (1 + args.seeds)
     reused = args.targets * args.modes * args.identity_alphas * args.seeds
     n_units = (conds - reused) * math.ceil(args.prompts / args.batch)
-    # actors share the machine's cores: throughput scales with cores, not with actors
     cores = os.cpu_count() or 1
-    est = n_units * unit * (1.0 if args.threads == 0 else args.threads / cores)
+    est = n_units * unit / max(1, min(args.actors, cores))
     print(f"\none work unit (batch of {args.batch} prompts, {args.new_tokens} tokens each, generation + KL): "
-          f"{unit:.2f} s on {torch.get_num_threads()} threads")
+          f"{unit:.2f} CPU-seconds on {torch.get_num_threads()} thread(s)")
     print(f"configuration: {args.targets} targets x {args.modes} modes x {args.alphas} alphas x (1 + {args.seeds} "
           f"seeds) + unsteered = {conds} conditions ({reused} zero-norm controls reused), {args.prompts} prompts "
           f"-> {n_units} work units")
-    print(f"estimated generation wall time: {est:.0f} s (+ ~{15 + 10 * args.actors} s Ray start-up and model loads), "
-          f"upper bound: every response runs the full {args.new_tokens} tokens")
+    print(f"estimated wall time on an idle machine, {args.actors} single-threaded actor(s): {est:.0f} s of work "
+          f"(+ ~{15 + 10 * args.actors} s Ray start-up and model loads); an upper bound: every response runs "
+          f"the full {args.new_tokens} tokens")
     w.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
