@@ -40,10 +40,8 @@ Pieces (no `ray` here; `ray_jobs/transcoder*.py` wire them into Ray Train and Ra
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import re
 import time
 from contextlib import contextmanager

@@ -78,6 +78,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         import pandas as pd
         import pyarrow.parquet as pq
 
+        from rank1_core.generation import GENERATED_COLUMNS
         from rank1_core.grading import grade_samples, recovery
         from rank1_core.models import resolve_model_dir
         from rank1_core.rundir import RunDir
@@ -151,8 +152,6 @@ def run(cfg: Config, force: bool = False) -> dict:
                                 num_cpus=ev.actor_cpus)
             with sr.timed(f"generate:{'+'.join(spec.variants)}"):
                 rows.extend(ds.take_all())
-        from rank1_core.generation import GENERATED_COLUMNS
-
         generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
         with sr.timed("grade"):
             samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
