@@ -561,6 +561,12 @@ class SteerWorker:
             gen.close()
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
 
 # --------------------------------------------------------------------------- targets
 

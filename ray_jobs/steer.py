@@ -337,6 +337,10 @@ def run(cfg: Config, force: bool = False) -> dict:
                 with sr.timed("steered"):
                     rows = run_units(ray, actors, units(todo, plan.items, sc.batch_size, baseline), p)
         finally:
+            try:  # let each actor free its model and temp files before it goes
+                ray.get([a.close.remote() for a in actors], timeout=60)
+            except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+                pass
             for a in actors:
                 ray.kill(a)
         for c in reuse:  # adding 0 x a random direction is the unsteered model, exactly
