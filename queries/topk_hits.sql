@@ -3,8 +3,8 @@
 --
 -- Pruning (exact): $k documents each offer their own maximum as a hit candidate, so no hit
 -- lies below t_pos, the $k-th largest per-document maximum (likewise above t_neg for the
--- minimum). Only values beyond those thresholds, in documents that reach them, are ranked;
--- the feature is read a second time for them and a third time for the hits' windows.
+-- minimum). The feature is read a second time only for documents that reach the threshold,
+-- and only values beyond it are ranked (no window function over whole documents).
 --
 -- views:  feature_values(feature VARCHAR, doc_id BIGINT, pos INTEGER, value FLOAT)
 --           dense, or sparse (unstored values are zero)
@@ -38,13 +38,16 @@ candidate_docs AS (
     FROM doc_summary AS s JOIN thresholds AS t USING (feature)
     WHERE (s.hi > 0 AND s.hi >= t.t_pos) OR (s.lo < 0 AND s.lo <= t.t_neg)
 ),
-strong AS (
-    -- by the same argument no hit lies below t_pos (above t_neg): only these rows can be hits
+doc_rows AS MATERIALIZED (
+    -- the second (and last) read of the feature: only the candidate documents
     SELECT v.feature, v.doc_id, v.pos, v.value, c.for_pos, c.for_neg, c.t_pos, c.t_neg
     FROM feature_values AS v
     JOIN candidate_docs AS c ON v.feature = c.feature AND v.doc_id = c.doc_id
-    WHERE (c.for_pos AND v.value > 0 AND v.value >= c.t_pos)
-       OR (c.for_neg AND v.value < 0 AND v.value <= c.t_neg)
+),
+strong AS (
+    -- by the same argument no hit lies below t_pos (above t_neg): only these rows can be hits
+    SELECT * FROM doc_rows
+    WHERE (for_pos AND value > 0 AND value >= t_pos) OR (for_neg AND value < 0 AND value <= t_neg)
 ),
 signed AS (
     SELECT 'pos' AS sign, feature, doc_id, pos, value, value AS strength
@@ -70,7 +73,7 @@ windows AS (
         list(v.pos ORDER BY v.pos) AS window_pos,
         list(v.value ORDER BY v.pos) AS window_values
     FROM hits AS h
-    JOIN feature_values AS v
+    JOIN doc_rows AS v
       ON v.feature = h.feature AND v.doc_id = h.doc_id
      AND v.pos BETWEEN h.pos - $before AND h.pos + $after
     GROUP BY h.feature, h.sign, h.rank, h.doc_id, h.pos, h.value
