@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 
 from rank1_core.config import ConfigError
@@ -58,7 +60,7 @@ def _cfg(tiny_cfg, run_dir, *extra):
     return tiny_cfg(*STEER, f"steer.sae_features=[{live}]", *extra, run_dir=run_dir), live
 
 
-def test_steer_stage_end_to_end(tiny_cfg, topk_run, ray_session, capsys):
+def test_steer_stage_end_to_end(tiny_cfg, topk_run, ray_session, capsys, tmp_path):
     from ray_jobs import steer
 
     cfg, live = _cfg(tiny_cfg, topk_run)
@@ -117,6 +119,26 @@ def test_steer_stage_end_to_end(tiny_cfg, topk_run, ray_session, capsys):
     assert m["rows"]["results"] == len(res)
     # done: skipped on rerun
     assert steer.run(cfg)["finished_at"] == m["finished_at"]
+
+    # the report shows every curve and links each from its feature's page
+    from rank1_core.config import ReportConfig
+    from rank1_core.report.build import build_report
+
+    out = tmp_path / "report"
+    rep = build_report(str(topk_run), ReportConfig(), out, log=lambda msg: None)
+    assert "steering" in rep.rendered
+    index = (out / "index.html").read_text()
+    for t in targets.itertuples():
+        fig = out / "figures" / "steer" / Path(t.figure).name
+        assert fig.read_bytes()[:4] == b"\x89PNG"
+        assert f'src="figures/steer/{fig.name}"' in index
+    page = (out / "features" / "adapter" / "L00_q_proj.html").read_text()
+    assert '<section class="steering"' in page and 'src="../../figures/steer/adapter_L00_q_proj.png"' in page
+    assert (out / "features" / "adapter" / "L00_q_proj.html").parent.joinpath(
+        "../../figures/steer/adapter_L00_q_proj.png").resolve().exists()
+    unsteered = (out / "features" / "adapter" / "L00_k_proj.html")
+    if unsteered.exists() and "L00_k_proj" not in set(targets["target"]):
+        assert '<section class="steering"' not in unsteered.read_text()
 
 
 @pytest.mark.parametrize("override, match", [

@@ -180,6 +180,44 @@ class ReportBuilder:
         self.done("figure1")
         self.sections.append(sec)
 
+    # ---- steering -----------------------------------------------------------------------
+
+    def steering(self) -> None:
+        """The steer stage's curves (one figure per steered feature, copied next to the report)
+        and its numbers; each steered feature's dashboard page links its figure."""
+        self.steer_figures: dict[tuple[str, str], str] = {}
+        inp = self.inputs
+        if inp.stage_state("steer") == "missing":
+            return  # not every run steers (it is not in every config's stages): nothing to say
+        sec = Section("steering", "Steering: measures vs alpha per steered feature")
+        targets = inp.table("steer", "targets.parquet", "steering curves", ["target", "source", "figure"],
+                            optional=["kind", "chosen_by", "typical", "n_contexts", "n_hesitation"])
+        if targets is None or not len(targets):
+            return
+        st = inp.stage("steer")
+        fdir = self.out / "figures" / "steer"
+        for t in targets.itertuples():
+            rel = str(t.figure)
+            if not st.exists(rel):
+                self._miss(f"steering figure of {t.source} {t.target}", f"{st.uri_of(rel)} does not exist")
+                continue
+            fdir.mkdir(parents=True, exist_ok=True)
+            name = Path(rel).name
+            with st.fs.open_input_stream(st.path(rel)) as f:
+                (fdir / name).write_bytes(f.read())
+            self.steer_figures[(str(t.source), str(t.target))] = f"figures/steer/{name}"
+            how = f" (chosen: {t.chosen_by})" if "chosen_by" in targets else ""
+            sec.add(_figure(f"figures/steer/{name}", f"{t.source} {t.target}{how}: hesitation rate, response "
+                            "length, accuracy and KL from the unsteered model vs alpha; band: random directions "
+                            "of equal norm."))
+        results = inp.table("steer", "results.parquet", "steering results table", [], all_columns=True)
+        if results is not None and len(results):
+            tabs.write_table(results, self.out / "tables", "steering_results")
+            sec.add(_links({"steering results (CSV)": "tables/steering_results.csv",
+                            "(Markdown)": "tables/steering_results.md"}))
+        self.done("steering")
+        self.sections.append(sec)
+
     # ---- curves ------------------------------------------------------------------------
 
     def curves(self) -> None:
@@ -383,6 +421,8 @@ class ReportBuilder:
             k = row["key"]
             row = {c: (v if present(v) else None) for c, v in row.items()}
             row["where"] = where(row)
+            fig = getattr(self, "steer_figures", {}).get((src, k))
+            row["steer_figure"] = f"../../{fig}" if fig else None
             vocab: dict[str, int] = {}
             maxpos = maxneg = 0.0
             sides = {}
@@ -572,11 +612,12 @@ class ReportBuilder:
         dash.copy_assets(self.out)
         self.tables()
         self.figure1()
+        self.steering()
         self.features()
         self._write_traces()
         self.curves()
         order = {"table1": 0, "table2": 1, "figure1": 2, "figure2": 3, "figure3": 4, "sae": 5, "autointerp": 6,
-                 "training": 7}
+                 "steering": 7, "training": 8}
         self.sections.sort(key=lambda s: order.get(s.anchor, 99))
         self.result.missing = list(self.inputs.missing)
         self.index()

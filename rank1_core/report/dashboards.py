@@ -202,6 +202,14 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
     if nav.get("next"):
         links.append(f'<a id="next" href="{esc(nav["next"])}">next &rarr;</a>')
     expl = row.get("explanation")
+    steer_html = ""
+    if row.get("steer_figure"):
+        fig = esc(row["steer_figure"])
+        steer_html = (f'<section class="steering" id="steering"><h2>Steering</h2><figure><a href="{fig}">'
+                      f'<img src="{fig}" alt="steering curves of {esc(row["key"])}" loading="lazy"></a>'
+                      "<figcaption>This feature steered by alpha (0 = ablated, 1 = unchanged) against random "
+                      "directions of equal norm: hesitation rate, response length, accuracy, KL.</figcaption>"
+                      "</figure></section>\n")
     body = f"""<nav class="top">{" · ".join(links)}</nav>
 <header class="feature-head">
 <h1><span class="src src-{esc(src)}">{esc(SOURCE_LABELS.get(src, src))}</span> <code id="fid">{esc(row["key"])}</code></h1>
@@ -211,7 +219,7 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
 <table class="facts">{facts_html}</table>
 <figure class="histogram"><figcaption>activation histogram (sample of {esc(data.get("hist_tokens", 0))} tokens{'; tokens where the feature fires' if src == 'sae' else ''})</figcaption>{hist_html}</figure>
 </div>
-<p class="legend">Token colour: <span class="swatch pos">positive</span> <span class="swatch neg">negative</span>,
+{steer_html}<p class="legend">Token colour: <span class="swatch pos">positive</span> <span class="swatch neg">negative</span>,
 intensity = activation / the largest activation of its sign on this page (+{esc(_fmt(data.get("maxpos")))},
 −{esc(_fmt(data.get("maxneg")))}); hover a token for its value; the outlined token is the hit.</p>
 <section class="contexts">

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from rank1_core.rundir import RunDir, StageDir
 
 # The stages whose outputs the report reads, in pipeline order.
-UPSTREAM = ("prepare", "train", "train_full", "evaluate", "ablate", "extract", "topk", "sae", "autointerp")
+UPSTREAM = ("prepare", "train", "train_full", "evaluate", "ablate", "extract", "topk", "sae", "autointerp",
+            "steer")
 SOURCES = ("adapter", "neuron", "sae")
 
 
