@@ -873,6 +873,9 @@ class AutointerpConfig:
     max_features: dict = field(default_factory=dict)
     """Cap per source, e.g. {neuron: 64} (missing or 0: all); the cap keeps the features with
     the largest max activation (topk/stats.parquet)."""
+    neurons_per_layer: int = 0
+    """Baseline neurons interpreted per MLP: the first N of every layer (neuron index < N), as
+    the paper takes the first 60. 0: every neuron the extract stage wrote (extract.mlp_neurons)."""
     explain_contexts: int = 64
     """Top contexts shown per feature for the explanation (paper: 64)."""
     listed_tokens: int = 8
@@ -931,6 +934,9 @@ class AutointerpConfig:
                 raise ConfigError(f"autointerp.max_features: unknown source {src!r} (known: {list(AUTOINTERP_SOURCES)})")
             if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
                 raise ConfigError(f"autointerp.max_features.{src} must be an integer >= 0, got {cap!r}")
+        if isinstance(self.neurons_per_layer, bool) or not isinstance(self.neurons_per_layer, int) \
+                or self.neurons_per_layer < 0:
+            raise ConfigError(f"autointerp.neurons_per_layer must be an integer >= 0, got {self.neurons_per_layer!r}")
         seen: dict[str, str] = {}
         for group, srcs in self.category_groups.items():
             if not isinstance(srcs, list) or not srcs or any(s not in AUTOINTERP_SOURCES for s in srcs):

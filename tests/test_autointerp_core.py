@@ -376,3 +376,29 @@ def test_local_schemas_pass_vllms_xgrammar_check():
     backend = pytest.importorskip("vllm.v1.structured_output.backend_xgrammar")
     for schema in LOCAL_SCHEMAS:
         assert not backend.has_xgrammar_unsupported_json_features(schema), schema
+
+
+def test_select_features_takes_the_first_neurons_of_every_layer_and_caps():
+    import pyarrow as pa
+
+    from rank1_core.autointerp.pipeline import InputError, select_features
+    from rank1_core.config import AutointerpConfig, ConfigError
+
+    names = [f"N{l:02d}_{i:04d}" for l in range(3) for i in range(5)] + ["L00_q_proj", "L01_q_proj"]
+    stats = pa.table({"source": ["neuron"] * 15 + ["adapter"] * 2, "feature": names,
+                      "max": [float(i) for i in range(17)], "min": [-float(i) for i in range(17)]})
+    avail = {("neuron" if n.startswith("N") else "adapter", n, "pos") for n in names}
+    a = AutointerpConfig(neurons_per_layer=2)
+    got = select_features(stats, a, avail)
+    assert [f for s, f, _ in got if s == "neuron"] == ["N00_0000", "N00_0001", "N01_0000", "N01_0001",
+                                                        "N02_0000", "N02_0001"]
+    assert [f for s, f, _ in got if s == "adapter"] == ["L00_q_proj", "L01_q_proj"]
+    # with a cap too: the largest max activations among the first two of each layer
+    got = select_features(stats, AutointerpConfig(neurons_per_layer=2, max_features={"neuron": 3}), avail)
+    assert [f for s, f, _ in got if s == "neuron"] == ["N01_0001", "N02_0000", "N02_0001"]
+    assert len([1 for s, *_ in select_features(stats, AutointerpConfig(), avail) if s == "neuron"]) == 15
+    bad = pa.table({"source": ["neuron"], "feature": ["neuron7"], "max": [1.0], "min": [0.0]})
+    with pytest.raises(InputError, match="'neuron7'"):
+        select_features(bad, a, {("neuron", "neuron7", "pos")})
+    with pytest.raises(ConfigError, match="neurons_per_layer"):
+        AutointerpConfig(neurons_per_layer=-1)

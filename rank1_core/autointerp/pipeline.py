@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -181,10 +182,21 @@ def _read(stage: StageDir, name: str, columns: tuple[str, ...], filters=None) ->
     return pq.read_table(path, filesystem=stage.fs, columns=list(columns), filters=filters)
 
 
+def neuron_index(name: str) -> int:
+    """The neuron's index inside its MLP, from its name 'N<layer>_<index>' (e.g. N03_0012 -> 12)."""
+    m = re.fullmatch(r"N\d+_(\d+)", name)
+    if m is None:
+        raise InputError(f"topk/stats.parquet: neuron feature {name!r} is not named N<layer>_<index>")
+    return int(m.group(1))
+
+
 def select_features(stats: pa.Table, a: AutointerpConfig, available: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-    """(source, feature, sign) to interpret: per source and sign, the features with contexts,
-    capped by ``max_features`` keeping the largest activation of that sign."""
+    """(source, feature, sign) to interpret: per source and sign, the features with contexts
+    (baseline neurons: the first ``neurons_per_layer`` of every MLP), capped by ``max_features``
+    keeping the largest activation of that sign."""
     rows = stats.to_pylist()
+    if a.neurons_per_layer:
+        rows = [r for r in rows if r["source"] != "neuron" or neuron_index(r["feature"]) < a.neurons_per_layer]
     out = []
     for source in a.sources:
         for sign in a.signs:
