@@ -13,6 +13,7 @@ import subprocess
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -55,7 +56,24 @@ class LocalHead:
         if r.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        self.wait_for_job_agent()
         return self
+
+    def wait_for_job_agent(self, timeout: float = 240.0) -> None:
+        """`ray start` returns before the head's job agent has registered; until it has, the
+        job server answers 500 "No available agent to submit job". Submit a no-op job until
+        one is accepted, so callers (tests, like users) submit to a head that is ready."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            r = subprocess.run([self.ray_cli(), "job", "submit", "--address", self.dashboard, "--no-wait",
+                                "--", "true"], env=self.env, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                return
+            last = (r.stdout + r.stderr)[-1500:]
+            time.sleep(2.0)
+        self.stop()
+        raise RuntimeError(f"the job agent of the head at {self.dashboard} never became ready:\n{last}")
 
     def stop(self) -> None:
         marks = [str(self.temp_dir), f":{self.gcs_port}", f"={self.client_port}", f"={self.dash_port}"]
