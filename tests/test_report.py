@@ -344,3 +344,269 @@ def test_explanations_of_both_signs(evil_report):
     for src in ("adapter", "neuron", "sae"):
         n = int(expl[(expl["source"] == src) & expl["explanation"].notna()].shape[0])
         assert shares[shares["source"] == src]["features"].sum() == n
+
+
+# --------------------------------------------------------------------------- transcoder adapters
+
+TC = ("transcoder", "transcoder_extract", "transcoder_eval")
+
+
+@pytest.fixture(scope="module")
+def tc_report(tmp_path_factory):
+    """A complete synthetic run with the transcoder stages (and injection strings), and its report."""
+    root = tmp_path_factory.mktemp("report_tc")
+    run = make_synthetic_run(str(root / "run"), SyntheticSpec(evil=True, transcoder=True))
+    res = build_report(run, ReportConfig(), root / "run" / "report", log=lambda m: None)
+    return run, root / "run" / "report", res
+
+
+def _read_dir(run, stage: str, rel: str) -> pd.DataFrame:
+    return pd.concat(pd.read_parquet(p) for p in sorted(Path(run.stage(stage).path(rel)).glob("*.parquet")))
+
+
+def test_table1_transcoder_column_by_hand():
+    # the paper's AIME'24 base and full, a transcoder scoring like the LoRA: 72.73% recovered
+    s = pd.DataFrame({"variant": ["base", "lora", "full"], "benchmark": ["aime"] * 3, "pass1": [0.2333, 0.5, 0.6],
+                      "stderr": [0.01] * 3, "n_problems": [30] * 3, "n_samples": [1] * 3})
+    t1 = tabs.table1(s)
+    tsum = pd.DataFrame({"variant": ["transcoder", "transcoder_no_hesitation", "transcoder", "base"],
+                         "benchmark": ["aime", "aime", "gpqa", "aime"], "pass1": [0.5, 0.1, 0.3, 0.9],
+                         "stderr": [0.02, 0.02, 0.03, 0.0], "n_problems": [30, 30, 10, 30]})
+    t = tabs.table1_add_transcoder(t1, tsum)
+    assert t["benchmark"].tolist() == ["aime", "gpqa"]  # a benchmark only transcoder_eval has: a row of its own
+    assert t["transcoder"].tolist() == [0.5, 0.3]
+    assert round(t["transcoder_recovery_pct"][0], 2) == 72.73 and pd.isna(t["transcoder_recovery_pct"][1])
+    assert t["recovery_pct"][0] == pytest.approx(72.73, abs=0.01)  # the LoRA's, untouched
+    disp = tabs.table1_display(t)
+    assert disp.columns.tolist() == ["Benchmark", "Problems", "Base", "Rank-1 LoRA", "Full fine-tune",
+                                     "Transcoder problems", "Transcoder adapters", "% Recovery",
+                                     "% Recovery (transcoder)"]
+    assert disp["Transcoder adapters"].tolist() == ["0.5000 ± 0.0200", "0.3000 ± 0.0300"]
+    assert disp["% Recovery (transcoder)"].tolist() == ["72.73%", "n/a"]
+    assert disp["Base"][1] == "—" and disp["Problems"].tolist() == [30, ""]
+    # same problem counts: no extra column
+    same = tabs.table1_display(tabs.table1_add_transcoder(t1, tsum[tsum["benchmark"] == "aime"]))
+    assert "Transcoder problems" not in same.columns and same["% Recovery (transcoder)"].tolist() == ["72.73%"]
+
+
+def test_hesitation_table_by_hand():
+    tsum = pd.DataFrame({
+        "variant": ["transcoder_random_ablated", "transcoder", "transcoder_no_hesitation"], "benchmark": ["b"] * 3,
+        "pass1": [0.55, 0.6, 0.5], "stderr": [0.1] * 3, "mean_tokens": [210.0, 200.0, 150.0],
+        "mean_hesitations": [1.9, 2.0, 0.5], "hesitation_rate": [0.9, 0.95, 0.25], "features_ablated": [3, 0, 3]})
+    h = tabs.hesitation_table(tsum)
+    assert h["variant"].tolist() == ["transcoder", "transcoder_no_hesitation", "transcoder_random_ablated"]
+    assert h["condition"].tolist() == ["adapters", "hesitation features ablated", "random features ablated (control)"]
+    assert h["d_tokens"].tolist() == pytest.approx([0.0, -50.0, 10.0])
+    assert h["d_hesitations"].tolist() == pytest.approx([0.0, -1.5, -0.1])
+    assert h["d_pass1"].tolist() == pytest.approx([0.0, -0.1, -0.05])
+    disp = tabs.hesitation_display(h)
+    assert disp["Response length (tokens)"].tolist() == ["200.0", "150.0 (-50.0)", "210.0 (+10.0)"]
+    assert disp["Accuracy (pass@1)"][1] == "0.5000 ± 0.1000 (-0.1000)"
+    assert disp["Responses with a hesitation"].tolist() == ["95.0%", "25.0%", "90.0%"]
+
+
+def test_faithfulness_table_keeps_what_the_file_has():
+    t = tabs.faithfulness_table({"kl_base": 0.3, "kl_adapted": 0.06, "kl_closed": 0.8, "live_latents": 12})
+    assert t["key"].tolist() == ["kl_adapted", "kl_closed", "live_latents"]
+    d = tabs.faithfulness_display(t)
+    assert d["Base"][0] == "0.3000" and d["Base + adapters"].tolist() == ["0.0600", "80.0%", "12"]
+    assert d["Target"][0] == "0.0000"
+    assert tabs.faithfulness_table({}).empty
+
+
+def test_transcoder_section(tc_report):
+    run, out, res = tc_report
+    assert res.missing == []
+    for name in ("transcoder_faithfulness", "transcoder_layers", "transcoder_curves", "transcoder_recovery",
+                 "transcoder_hesitation", "transcoder_hesitation_features", "table1", "features_index"):
+        assert name in res.rendered
+    for rel in ("figures/transcoder_layers.png", "figures/transcoder_curves.png"):
+        assert (out / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("transcoder_faithfulness", "transcoder_layers", "transcoder_recovery", "transcoder_hesitation"):
+        assert (out / f"tables/{name}.csv").is_file() and (out / f"tables/{name}.md").is_file()
+    # the faithfulness numbers are faithfulness.json's
+    faith = json.loads(Path(run.stage("transcoder").path("faithfulness.json")).read_text())
+    ft = pd.read_csv(out / "tables/transcoder_faithfulness.csv").set_index("key")
+    for k in ("kl_adapted", "ce_adapted", "top1_agree_adapted", "kl_closed", "fve_difference_mean", "l0_per_layer",
+              "live_latents", "latents"):
+        assert ft.loc[k, "base_adapters"] == pytest.approx(faith[k])
+    assert ft.loc["kl_adapted", "base"] == pytest.approx(faith["kl_base"])
+    assert ft.loc["ce_adapted", "target"] == pytest.approx(faith["ce_target"])
+    # per-layer FVE: faithfulness_layers.parquet's
+    layers = pd.read_parquet(run.stage("transcoder").path("faithfulness_layers.parquet"))
+    got = pd.read_csv(out / "tables/transcoder_layers.csv")
+    np.testing.assert_allclose(got["fve_difference"], layers.sort_values("layer")["fve_difference"])
+    index = (out / "index.html").read_text()
+    sec = index[index.index('<section id="transcoder">'):]
+    sec = sec[:sec.index("</section>")]
+    for s in ("figures/transcoder_layers.png", "figures/transcoder_curves.png", "KL(target || model)",
+              "Hesitation features ablated", "tables/transcoder_hesitation.csv", "features.html#source=transcoder"):
+        assert s in sec, s
+    assert 'href="#transcoder"' in index  # in the table of contents
+    # the stage table lists the three stages, done
+    for st in TC:
+        assert f'<td>{st}</td><td class="status-done">done</td>' in index
+
+
+def test_table1_gains_the_transcoder(tc_report):
+    run, out, _ = tc_report
+    t1 = pd.read_csv(out / "tables/table1.csv", keep_default_na=False, na_values=[""])
+    ev = pd.read_parquet(run.stage("evaluate").path("summary.parquet"))
+    ts = pd.read_parquet(run.stage("transcoder_eval").path("summary.parquet"))
+    rec = pd.read_csv(Path(run.stage("transcoder_eval").path("recovery.csv")))
+    for bench in ev["benchmark"].unique():
+        row = t1[t1["benchmark"] == bench].iloc[0]
+        b, f = (ev[(ev["benchmark"] == bench) & (ev["variant"] == v)]["pass1"].iloc[0] for v in ("base", "full"))
+        t = ts[(ts["benchmark"] == bench) & (ts["variant"] == "transcoder")]["pass1"].iloc[0]
+        assert row["transcoder"] == pytest.approx(t)
+        # Table 1's own base and full, not transcoder_eval's reference numbers
+        assert row["transcoder_recovery_pct"] == pytest.approx((t - b) / (f - b) * 100)
+        assert row["transcoder_recovery_pct"] != pytest.approx(rec[rec["benchmark"] == bench]["recovered_pct"].iloc[0])
+        assert row["transcoder_n_problems"] == 20 and row["n_problems"] == 50
+    md = (out / "tables/table1.md").read_text()
+    assert "| Transcoder adapters |" in md and "% Recovery (transcoder)" in md and "Transcoder problems" in md
+
+
+def test_hesitation_ablation_table(tc_report):
+    run, out, _ = tc_report
+    ts = pd.read_parquet(run.stage("transcoder_eval").path("summary.parquet"))
+    h = pd.read_csv(out / "tables/transcoder_hesitation.csv", keep_default_na=False, na_values=[""])
+    assert len(h) == len(ts)
+    assert set(h["variant"]) == {"transcoder", "transcoder_no_hesitation", "transcoder_random_ablated"}
+    for r in h.itertuples():
+        src = ts[(ts["benchmark"] == r.benchmark) & (ts["variant"] == r.variant)].iloc[0]
+        ref = ts[(ts["benchmark"] == r.benchmark) & (ts["variant"] == "transcoder")].iloc[0]
+        assert (r.mean_tokens, r.mean_hesitations, r.pass1) == pytest.approx(
+            (src["mean_tokens"], src["mean_hesitations"], src["pass1"]))
+        assert r.d_hesitations == pytest.approx(src["mean_hesitations"] - ref["mean_hesitations"])
+        assert r.features_ablated == src["features_ablated"]
+    md = (out / "tables/transcoder_hesitation.md").read_text()
+    assert "hesitation features ablated" in md and "random features ablated (control)" in md
+
+
+def test_transcoder_feature_pages(tc_report):
+    run, out, res = tc_report
+    lat = pd.read_parquet(run.stage("transcoder_extract").path("latents.parquet"))
+    live = lat[lat["live"]]
+    assert res.pages["transcoder"] == len(live)
+    for name in live["name"]:
+        assert (out / f"features/transcoder/{name}.html").is_file()
+    # the index lists them; hesitation features come first (so report.max_features keeps them)
+    idx = json.loads(re.search(r'id="index-data">(.*?)</script>', (out / "features.html").read_text(), re.S).group(1))
+    tc_rows = [r for r in idx["rows"] if r[1] == "transcoder"]
+    hes = pd.read_parquet(run.stage("transcoder_extract").path("hesitation_features.parquet"))
+    selected = hes[hes["selected"]]["name"].tolist()
+    assert len(tc_rows) == len(live) and [r[0] for r in tc_rows[:len(selected)]] == selected
+    assert tc_rows[0][9] == f"features/transcoder/{selected[0]}.html"
+    # a hesitation feature's page: topk's contexts, a trace from transcoder_extract/features, its facts
+    key = selected[0]
+    page = (out / f"features/transcoder/{key}.html").read_text()
+    data = json.loads(re.search(r'id="feature-data">(.*?)</script>', page, re.S).group(1))
+    ctx = pq.read_table(run.stage("topk").path("contexts.parquet")).to_pandas()
+    mine = ctx[(ctx["source"] == "transcoder") & (ctx["feature"] == key)]
+    assert len(data["pos"]) == (mine["sign"] == "pos").sum() > 0 and data["neg"] == []
+    top = mine[(mine["sign"] == "pos") & (mine["rank"] == 1)].iloc[0]
+    assert data["pos"][0][:2] == [top["doc_id"], top["pos"]]
+    assert data["toks"][data["pos"][0][5][data["pos"][0][3]]] == " Wait"
+    tr = data["trace"]
+    feats = _read_dir(run, "transcoder_extract", "features")
+    idx_f = int(key[1:])
+    f = feats[(feats["doc_id"] == tr["doc"]) & (feats["feature"] == idx_f)]
+    want = np.zeros(tr["end"] - tr["start"])
+    sel = (f["pos"] >= tr["start"]) & (f["pos"] < tr["end"])
+    want[f["pos"][sel] - tr["start"]] = f["value"][sel]
+    np.testing.assert_allclose(tr["vals"], want, rtol=1e-2, atol=1e-6)
+    assert "transcoder feature" in page and "ablated by transcoder_eval" in page and "|W_dec row|" in page
+    assert "tokens where the feature fires" in page
+    # the histogram counts the feature's firings over the sample (every token here)
+    row = lat[lat["name"] == key].iloc[0]
+    svg_counts = sum(int(c) for c in re.findall(r"\): (\d+)</title></rect>", page))
+    assert svg_counts == row["count"]
+
+
+def test_transcoder_pages_escape_everything(tc_report):
+    run, out, _ = tc_report
+    raw = [e for e in EVIL] + ["<img src=x", "onerror=alert(4)>"]
+    files = list(out.rglob("*.html")) + list(out.glob("traces/*.js"))
+    assert any("features/transcoder" in str(p) for p in files)
+    for p in files:
+        text = p.read_text()
+        for r in raw:
+            assert r not in text, f"{r!r} unescaped in {p}"
+    # the evil explanation of the first transcoder feature, server-rendered and escaped
+    page = (out / "features/transcoder/F00000.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    index = (out / "index.html").read_text()
+    sec = index[index.index('<section id="transcoder">'):]
+    assert "&lt;img src=x onerror=alert(4)&gt;" in sec  # the evil benchmark in the hesitation table
+    assert "&#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27;" in sec  # an evil top token of a candidate
+
+
+def test_run_without_transcoder_stages_does_not_mention_them(evil_report):
+    _, out, res = evil_report
+    assert not any("transcoder" in n for n in res.rendered) and "transcoder" not in res.pages
+    assert not any("transcoder" in (m.what + m.why).lower() for m in res.missing)
+    for p in [*out.glob("*.html"), *out.glob("tables/*"), out / "report.json"]:
+        assert "transcoder" not in p.read_text().lower(), p
+    assert not list(out.glob("figures/transcoder*")) and not (out / "features/transcoder").exists()
+
+
+def test_partial_transcoder_run_says_what_is_missing(tmp_path):
+    from ray_jobs import report
+
+    run = make_synthetic_run(str(tmp_path / "run"), SyntheticSpec(transcoder=True),
+                             stages=("evaluate", "extract", "topk", "transcoder"))
+    run.stage("transcoder_extract").write_text(".started", "abc\n")  # started, never finished
+    res = build_report(run, ReportConfig(), tmp_path / "out", log=lambda m: None)
+    assert {"table1", "transcoder_faithfulness", "transcoder_layers", "transcoder_curves"} <= set(res.rendered)
+    assert "transcoder_hesitation" not in res.rendered and "transcoder" not in res.pages
+    why = {m.what: m.why for m in res.missing}
+    assert why["Table 1: transcoder adapters"] == "stage 'transcoder_eval' has not run"
+    assert why["transcoder hesitation ablation table"] == "stage 'transcoder_eval' has not run"
+    assert "has not finished" in why["transcoder feature list"]
+    assert "transcoder" not in pd.read_csv(tmp_path / "out/tables/table1.csv").columns
+    index = (tmp_path / "out/index.html").read_text()
+    assert '<td>transcoder_extract</td><td class="status-partial">partial</td>' in index
+    assert '<td>transcoder_eval</td><td class="status-missing">missing</td>' in index
+    # the stage: the done transcoder stage enters its hash, so finishing the others redraws it
+    assert report.main(["--run", str(tmp_path / "run")]) == 0
+    st = RunDir(str(tmp_path / "run")).stage("report")
+    assert "transcoder" in st.manifest()["inputs"] and "transcoder_eval" not in st.manifest()["inputs"]
+
+
+def test_transcoder_missing_column_and_no_hesitation_feature(tmp_path):
+    run = make_synthetic_run(str(tmp_path / "run"), SyntheticSpec(transcoder=True),
+                             stages=("evaluate", "transcoder", "transcoder_eval"))
+
+    def body(sr):  # transcoder_eval without hesitation counts, and only the unablated adapters
+        with sr.stage.fs.open_output_stream(sr.stage.path("summary.parquet")) as f:
+            pq.write_table(pa.table({"variant": ["transcoder"], "benchmark": ["math500"], "pass1": [0.5]}), f)
+
+    run_stage(run.stage("transcoder_eval"), "h2", "", body, log=lambda m: None, force=True)
+    res = build_report(run, ReportConfig(), tmp_path / "out", log=lambda m: None)
+    why = {m.what: m.why for m in res.missing}
+    assert "lacks column(s) mean_tokens, mean_hesitations" in why["transcoder hesitation ablation table"]
+    t1 = pd.read_csv(tmp_path / "out/tables/table1.csv")
+    assert t1[t1["benchmark"] == "math500"]["transcoder"].iloc[0] == 0.5
+    assert t1[t1["benchmark"] == "arith-heldout"]["transcoder"].isna().all()
+
+
+def test_transcoder_pages_chunked_and_capped(tc_report, tmp_path, monkeypatch):
+    """Pages read their contexts and traces PAGE_CHUNK features at a time: the same pages;
+    max_features keeps the hesitation features of the transcoder source first."""
+    from rank1_core.report import build as build_mod
+
+    run, out, _ = tc_report
+    monkeypatch.setattr(build_mod, "PAGE_CHUNK", 3)
+    res = build_report(run, ReportConfig(sources=["transcoder"]), tmp_path / "out", log=lambda m: None)
+    assert set(res.pages) == {"transcoder"}
+    for p in (out / "features/transcoder").glob("*.html"):
+        a = re.search(r'id="feature-data">(.*?)</script>', p.read_text(), re.S).group(1)
+        b = re.search(r'id="feature-data">(.*?)</script>', (tmp_path / "out/features/transcoder" / p.name).read_text(),
+                      re.S).group(1)
+        assert json.loads(a) == json.loads(b), p.name
+    res = build_report(run, ReportConfig(sources=["transcoder"], max_features=2), tmp_path / "cap", log=lambda m: None)
+    hes = pd.read_parquet(run.stage("transcoder_extract").path("hesitation_features.parquet"))
+    assert sorted(p.stem for p in (tmp_path / "cap/features/transcoder").glob("*.html")) == \
+        sorted(hes[hes["selected"]]["name"])

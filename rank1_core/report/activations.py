@@ -1,7 +1,8 @@
 """Streaming passes over the activation Parquet for the dashboards and Figure 3.
 
 - histograms of every feature over the first `sample_tokens` tokens (dense adapter and
-  neuron columns over every token; sparse SAE features over the tokens where they fire),
+  neuron columns over every token; sparse SAE and transcoder features over the tokens where
+  they fire),
   with fixed per-feature bin edges (from topk's stats, else a min/max pass);
 - the per-feature sum of SAE activations over the same sample (Figure 3's densities);
 - whole-trace windows: the tokens of chosen documents and each feature's values on them,
@@ -114,9 +115,10 @@ class SparseSample:
 
 
 def sae_sample(inputs: RunInputs, index: Sequence[int], lo: np.ndarray, hi: np.ndarray, bins: int,
-               max_tokens: int) -> SparseSample:
-    """SAE features (by latent index, in `index` order) over the first `max_tokens` tokens
-    of sae/features (files in order; a token counts once however many features fire)."""
+               max_tokens: int, stage: str = "sae", rel_dir: str = "features") -> SparseSample:
+    """Sparse features (by index, in `index` order) over the first `max_tokens` tokens of
+    `<stage>/<rel_dir>` (sae/features, or transcoder_extract/features: the same layout;
+    files in order; a token counts once however many features fire)."""
     index = np.asarray(index, dtype=np.int64)
     pos_of = np.full(int(index.max(initial=-1)) + 1, -1, dtype=np.int64)
     pos_of[index] = np.arange(len(index))
@@ -126,7 +128,7 @@ def sae_sample(inputs: RunInputs, index: Sequence[int], lo: np.ndarray, hi: np.n
 
     def sample() -> Iterator[pa.Table]:
         nonlocal tokens
-        for t in inputs.iter_parts("sae", "features", columns=["doc_id", "pos", "feature", "value"]):
+        for t in inputs.iter_parts(stage, rel_dir, columns=["doc_id", "pos", "feature", "value"]):
             if max_tokens and tokens >= max_tokens:
                 return
             key = t.column("doc_id").to_numpy().astype(np.int64) * (1 << 24) + t.column("pos").to_numpy()
@@ -245,12 +247,14 @@ def dense_window_values(inputs: RunInputs, stage: str, rel_dir: str,
     return out
 
 
-def sae_window_values(inputs: RunInputs, windows: dict[str, Window], index: dict[str, int]) -> dict[str, np.ndarray]:
+def sae_window_values(inputs: RunInputs, windows: dict[str, Window], index: dict[str, int],
+                      stage: str = "sae", rel_dir: str = "features") -> dict[str, np.ndarray]:
+    """Each sparse feature (key -> its index) on its window, from `<stage>/<rel_dir>`."""
     out = {k: np.zeros(w.end - w.start, dtype=np.float32) for k, w in windows.items()}
     want: dict[tuple[int, int], str] = {(w.doc, index[k]): k for k, w in windows.items() if k in index}
     docs = {d for d, _ in want}
     wanted = np.array([(d << 32) | f for d, f in want], dtype=np.int64)
-    for t in inputs.parts_where("sae", "features", "doc_id", docs, ["doc_id", "pos", "feature", "value"]):
+    for t in inputs.parts_where(stage, rel_dir, "doc_id", docs, ["doc_id", "pos", "feature", "value"]):
         d = t.column("doc_id").to_numpy()
         p = t.column("pos").to_numpy().astype(np.int64)
         f = t.column("feature").to_numpy()

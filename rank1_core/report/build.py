@@ -5,12 +5,13 @@
 Layout of the folder:
 
     index.html            the report: stage status, Table 1, Table 2, Figures 1-3, curves,
-                          detection scores, autointerp spend, what is missing and why
+                          detection scores, autointerp spend, steering, transcoder adapters
+                          (when their stages ran), what is missing and why
     features.html         every feature, searchable and filterable in the page
     features/<source>/<name>.html   one page per feature
     traces/d<doc>.js      tokens of the documents shown as whole traces (shared by pages)
-    tables/*.md|csv       Table 1, Table 2 and the data behind each figure
-    figures/*.png         Figure 1-3, SAE and training curves, detection scores
+    tables/*.md|csv       Table 1, Table 2, the transcoder tables and the data behind each figure
+    figures/*.png         Figure 1-3, SAE, transcoder and training curves, detection scores
     assets/               style.css, index.js, feature.js
     report.json           what was rendered, what is missing, sizes
 """
@@ -38,12 +39,14 @@ from rank1_core.report import dashboards as dash
 from rank1_core.report import figures as figs
 from rank1_core.report import tables as tabs
 from rank1_core.report.catalogue import build_catalogue, present, where
-from rank1_core.report.loaders import SOURCES, Missing, RunInputs, feature_key, sae_index, stage_rows
+from rank1_core.report.loaders import (SOURCES, SPARSE_STORE, TRANSCODER_STAGES, Missing, RunInputs, feature_key,
+                                       sparse_index, stage_rows)
 from rank1_core.rundir import RunDir, code_version
 
 CONTEXT_COLUMNS = ["feature", "sign", "rank", "doc_id", "pos", "value", "context_tokens", "context_values",
                    "hit_index"]
 DENSE_STORE = {"adapter": ("extract", "activations"), "neuron": ("extract", "neurons")}
+PAGE_CHUNK = 4096  # feature pages whose contexts and trace values are read together
 
 
 @dataclass
@@ -78,6 +81,24 @@ def _figure(rel: str, caption: str) -> str:
             f"<figcaption>{dash.esc(caption)}</figcaption></figure>")
 
 
+def _is_num(v: Any) -> bool:
+    try:
+        return v is not None and not isinstance(v, str) and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def present_str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _tokens(v: Any, n: int = 8) -> str:
+    """A list of tokens as text: 'Wait', ' Hmm' (the first n)."""
+    if v is None or isinstance(v, (float, str)):
+        return "" if v is None or isinstance(v, float) else v
+    return ", ".join(repr(str(t)) for t in list(v)[:n])
+
+
 def _links(files: dict) -> str:
     return '<p class="muted">' + " · ".join(f'<a href="{dash.esc(v)}">{dash.esc(k)}</a>' for k, v in files.items()) + "</p>"
 
@@ -109,10 +130,29 @@ class ReportBuilder:
         sec = Section("table1", "Table 1: recovery of the full fine-tune's gain by the rank-1 LoRA")
         if summary is not None and len(summary):
             t1 = tabs.table1(summary)
+            caption = ("Table 1: pass@1 of the base model, the rank-1 LoRA and the full fine-tune; % Recovery = "
+                       "(LoRA - base) / (full - base).")
+            tsum = self._transcoder_summary("Table 1: transcoder adapters")
+            if tsum is not None:
+                t1 = tabs.table1_add_transcoder(t1, tsum)
+                caption += (" Transcoder adapters: the base model with the transcoder adapters (transcoder_eval); "
+                            "% Recovery (transcoder) = (transcoder - base) / (full - base) with this table's base "
+                            "and full.")
             disp = tabs.table1_display(t1)
-            files = tabs.write_table(t1, tdir, "table1", disp, "Table 1: pass@1 of the base model, the rank-1 "
-                                     "LoRA and the full fine-tune; % Recovery = (LoRA - base) / (full - base).")
+            files = tabs.write_table(t1, tdir, "table1", disp, caption)
             sec.add(dash.html_table(disp)).add(_links(files))
+            if "transcoder" in t1.columns:
+                note = ("<p class=\"muted\">Transcoder adapters: base model + the transcoder adapters trained to match "
+                        "the full fine-tune (stage transcoder_eval, variant <code>transcoder</code>); % Recovery "
+                        "(transcoder) uses this table's base and full.")
+                if "Transcoder problems" in disp.columns:
+                    note += (" transcoder_eval scored another number of problems than evaluate "
+                             "(transcoder.eval.limit): see "
+                             "<a href=\"#transcoder\">its recovery on the same problems</a>.")
+                sec.add(note + "</p>")
+                if t1["transcoder"].isna().all():
+                    self._miss("Table 1: transcoder adapters", "transcoder_eval/summary.parquet has no variant "
+                               "'transcoder'")
             if "full" not in t1.columns or "lora" not in t1.columns or "base" not in t1.columns:
                 lacking = [v for v in ("base", "lora", "full") if v not in t1.columns]
                 self._miss("Table 1 % recovery", f"evaluate/summary.parquet has no variant(s) {', '.join(lacking)}")
@@ -218,6 +258,187 @@ class ReportBuilder:
         self.done("steering")
         self.sections.append(sec)
 
+    # ---- transcoder adapters -------------------------------------------------------------
+
+    def _transcoder_run(self) -> bool:
+        """Did this run start any transcoder stage? (Never started: the report says nothing.)"""
+        return any(self.inputs.started(s) for s in TRANSCODER_STAGES)
+
+    def _transcoder_summary(self, what: str) -> Optional[pd.DataFrame]:
+        """transcoder_eval/summary.parquet (None, with a reason for `what`, when it cannot be read;
+        None and no reason when the run has no transcoder stage at all)."""
+        if not self._transcoder_run():
+            return None
+        t = self.inputs.table("transcoder_eval", "summary.parquet", what, ["variant", "benchmark", "pass1"],
+                              all_columns=True)
+        if t is not None and not len(t):
+            self._miss(what, "transcoder_eval/summary.parquet has no rows")
+            return None
+        return t
+
+    def transcoder(self) -> None:
+        """Faithfulness of the transcoder adapters to their target (table), the explained
+        variance of each MLP's difference (figure + table), the training curves, the gain
+        recovered on transcoder_eval's own problems, the hesitation ablation table and the
+        hesitation features with links to their pages. Runs after the feature pages."""
+        inp = self.inputs
+        if not self._transcoder_run():
+            return
+        sec = Section("transcoder", "Transcoder adapters: a second lens on what fine-tuning changed")
+        tdir, fdir = self.out / "tables", self.out / "figures"
+        sec.add("<p>A sparse branch on every MLP of the frozen base model, trained so that base + adapters "
+                "matches the fine-tuned target (stage <code>transcoder</code>); its latents are features like "
+                "the SAE's (<code>transcoder_extract</code>), benchmarked with hesitation features ablated "
+                "(<code>transcoder_eval</code>).</p>")
+
+        # faithfulness.json (or the manifest's copy of it)
+        what = "transcoder faithfulness"
+        faith = None
+        if inp.exists("transcoder", "faithfulness.json"):
+            faith = inp.json("transcoder", "faithfulness.json", what)
+        elif inp.done("transcoder") and isinstance(inp.manifest("transcoder").get("extra", {}).get("faithfulness"), dict):
+            faith = inp.manifest("transcoder")["extra"]["faithfulness"]
+        else:
+            faith = inp.json("transcoder", "faithfulness.json", what)
+        if isinstance(faith, dict):
+            ft = tabs.faithfulness_table(faith)
+            if len(ft):
+                disp = tabs.faithfulness_display(ft)
+                files = tabs.write_table(ft, tdir, "transcoder_faithfulness", disp,
+                                         "Transcoder adapters: faithfulness to the target on held-out traces.")
+                sec.add("<h3>Faithfulness to the target (held-out traces)</h3>").add(dash.html_table(disp))
+                sec.add(_links(files))
+                self.done("transcoder_faithfulness")
+            else:
+                self._miss(what, "transcoder/faithfulness.json has none of the keys kl_base, kl_adapted, ce_*, "
+                           "top1_agree_*, kl_closed, fve_difference_mean, l0_per_layer, live_latents")
+        elif faith is not None:
+            self._miss(what, "transcoder/faithfulness.json is not a JSON object")
+
+        # per-layer explained variance of the MLP difference
+        layers = inp.table("transcoder", "faithfulness_layers.parquet", "transcoder per-layer FVE (figure and table)",
+                           ["layer", "fve_difference"], optional=["tokens", "fvu_difference", "diff_norm",
+                                                                 "adapter_norm", "l0", "live_latents", "d_latent"])
+        if layers is not None and len(layers):
+            layers = layers.sort_values("layer").reset_index(drop=True)
+            figs.transcoder_layers(layers, fdir / "transcoder_layers.png", self.cfg.figure_dpi)
+            files = tabs.write_table(layers, tdir, "transcoder_layers", caption="Transcoder adapters per layer: "
+                                     "explained variance of target_mlp(x) - base_mlp(x) (fve_difference), mean "
+                                     "norms of that difference and of the adapter's output, L0, live latents.")
+            sec.add("<h3>Explained variance of each MLP's difference</h3>")
+            sec.add(_figure("figures/transcoder_layers.png", "(a) per layer: the share of the variance of "
+                            "target_mlp(x) - base_mlp(x) that the layer's adapter reproduces; (b) mean norms of "
+                            "the difference and of the adapter output, and L0."))
+            sec.add(dash.html_table(layers.round(4))).add(_links(files))
+            self.done("transcoder_layers")
+        elif layers is not None:
+            self._miss("transcoder per-layer FVE (figure and table)", "transcoder/faithfulness_layers.parquet has no rows")
+
+        # training curves (when the stage left its metrics)
+        if inp.exists("transcoder", "metrics.parquet"):
+            m = inp.table("transcoder", "metrics.parquet", "transcoder training curves", [], all_columns=True)
+            if m is not None and len(m):
+                x = "step" if "step" in m else m.columns[0]
+                if figs.curves(m, fdir / "transcoder_curves.png", "Transcoder adapters: training",
+                               figs.TRANSCODER_CURVES, x=x, dpi=self.cfg.figure_dpi) is not None:
+                    sec.add(_figure("figures/transcoder_curves.png", "transcoder training per optimizer step: loss, "
+                                    "KL to the target, mean FVU of the MLP differences, FVE, sparsity term, L0, "
+                                    "learning rate, throughput"))
+                    self.done("transcoder_curves")
+                else:
+                    self._miss("transcoder training curves", "transcoder/metrics.parquet has none of the columns "
+                               + ", ".join(c for c, _ in figs.TRANSCODER_CURVES))
+
+        # benchmark gain recovered on transcoder_eval's own problems
+        if inp.exists("transcoder_eval", "recovery.csv"):
+            try:
+                rec = pd.read_csv(io.StringIO(inp.text("transcoder_eval", "recovery.csv")))
+            except (ValueError, pd.errors.ParserError) as e:
+                rec = None
+                self._miss("transcoder recovered gain", f"transcoder_eval/recovery.csv is not readable CSV ({e})")
+            if rec is not None and len(rec):
+                files = tabs.write_table(rec, tdir, "transcoder_recovery", caption="Transcoder adapters: pass@1 of "
+                                         "base, target and base + adapters on transcoder_eval's problems; "
+                                         "recovered_pct = (transcoder - base) / (target - base).")
+                sec.add("<h3>Benchmark gain recovered (transcoder_eval's problems)</h3>")
+                sec.add(dash.html_table(rec)).add(_links(files))
+                self.done("transcoder_recovery")
+
+        # the hesitation ablation
+        what = "transcoder hesitation ablation table"
+        tsum = self._transcoder_summary(what)
+        if tsum is not None:
+            lacking = [c for c in tabs.HESITATION_REQUIRED if c not in tsum.columns]
+            if lacking:
+                self._miss(what, f"transcoder_eval/summary.parquet lacks column(s) {', '.join(lacking)} "
+                           f"(has {', '.join(map(str, tsum.columns))})")
+            else:
+                h = tabs.hesitation_table(tsum)
+                disp = tabs.hesitation_display(h)
+                files = tabs.write_table(h, tdir, "transcoder_hesitation", disp, "Transcoder adapters with their "
+                                         "hesitation features ablated, against a control with as many random live "
+                                         "features ablated; in parentheses the change from the unablated adapters.")
+                sec.add("<h3>Hesitation features ablated</h3><p>Each condition on the same problems: the adapters as "
+                        "trained, their hesitation features zeroed during generation, and as many random live "
+                        "features zeroed (control); in parentheses the change from the adapters.</p>")
+                sec.add(dash.html_table(disp)).add(_links(files))
+                if not set(tsum["variant"].astype(str)) & {"transcoder_no_hesitation", "transcoder_random_ablated"}:
+                    sec.add('<p class="muted">transcoder_extract found no hesitation feature: only the adapters '
+                            "as trained were benchmarked.</p>")
+                self.done("transcoder_hesitation")
+
+        # the hesitation features, linked to their pages
+        if inp.started("transcoder_extract") or inp.done("transcoder"):
+            hf = inp.table("transcoder_extract", "hesitation_features.parquet", "transcoder hesitation feature list",
+                           ["feature"], optional=["name", "layer", "latent", "contexts", "matches", "share",
+                                                  "selected", "top_tokens", "next_tokens"])
+            if hf is not None:
+                sec.add(self._hesitation_features_html(hf))
+                self.done("transcoder_hesitation_features")
+
+        n = self.result.pages.get("transcoder", 0)
+        if n:
+            sec.add(f'<p><a href="features.html#source=transcoder">Browse the {n:,} transcoder feature pages</a> '
+                    "(hesitation features first, then explained ones, then by index).</p>")
+        self.sections.append(sec)
+
+    def _hesitation_features_html(self, hf: pd.DataFrame, limit: int = 50) -> str:
+        if not len(hf):
+            return ('<h3>Hesitation features</h3><p class="muted">transcoder_extract found no feature with a '
+                    "hesitation word among its top contexts.</p>")
+        hf = hf.copy()
+        hf["selected"] = hf["selected"].fillna(False).astype(bool) if "selected" in hf else False
+        hf = hf.sort_values("selected", ascending=False, kind="stable")
+        n_sel, total = int(hf["selected"].sum()), len(hf)
+        hf = hf.head(limit)
+        expl = {}
+        cat = getattr(self, "catalogue", None)
+        if cat is not None and len(cat):
+            sub = cat[cat["source"] == "transcoder"]
+            expl = dict(zip(sub["key"], sub["explanation"]))
+        pages = getattr(self, "page_names", {})
+        head = ["feature", "layer", "latent", "hesitation contexts", "share", "selected", "top tokens",
+                "next tokens", "explanation"]
+        trs = []
+        for r in hf.to_dict("records"):
+            key = feature_key("transcoder", r.get("name") if present_str(r.get("name")) else int(r["feature"]))
+            href = pages.get(("transcoder", key))
+            fid = f'<a href="{dash.esc(href)}">{dash.esc(key)}</a>' if href else dash.esc(key)
+            m, c = r.get("matches"), r.get("contexts")
+            ctx = f"{int(m)}/{int(c)}" if _is_num(m) and _is_num(c) else ""
+            cells = [fid] + [dash.esc(x) for x in (
+                "" if not _is_num(r.get("layer")) else int(r["layer"]),
+                "" if not _is_num(r.get("latent")) else int(r["latent"]), ctx,
+                "" if not _is_num(r.get("share")) else f"{float(r['share']):.2f}",
+                "yes" if r["selected"] else "", _tokens(r.get("top_tokens")), _tokens(r.get("next_tokens")),
+                expl.get(key) or "")]
+            trs.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        more = f" (the first {limit} of {total} listed)" if total > limit else ""
+        return (f"<h3>Hesitation features</h3><p>{n_sel} selected (ablated by transcoder_eval){dash.esc(more)}: "
+                "features whose top contexts sit at a hesitation word (or right before one).</p>"
+                '<table class="data"><thead><tr>' + "".join(f"<th>{dash.esc(h)}</th>" for h in head)
+                + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table>")
+
     # ---- curves ------------------------------------------------------------------------
 
     def curves(self) -> None:
@@ -310,16 +531,19 @@ class ReportBuilder:
             self.log(f"[report] {src}: histograms of {len(cols)} features over {n:,} tokens "
                      f"({time.perf_counter() - t0:.1f}s)")
             return {"hist": h, "row": {c: i for i, c in enumerate(cols)}, "tokens": n}
-        if not inp.done("sae") or not inp.part_files("sae", "features"):
-            inp.need("sae", "SAE activation histograms and Figure 3") if not inp.done("sae") else \
-                self._miss("SAE activation histograms and Figure 3", "sae/features/ has no Parquet files")
+        stage, rel = SPARSE_STORE[src]
+        what = "SAE activation histograms and Figure 3" if src == "sae" else f"activation histograms ({src})"
+        if not inp.done(stage) or not inp.part_files(stage, rel):
+            inp.need(stage, what) if not inp.done(stage) else \
+                self._miss(what, f"{stage}/{rel}/ has no Parquet files")
             return {}
-        index = [sae_index(k) for k in keys]
+        index = [sparse_index(k) for k in keys]
         ok = [i for i, x in enumerate(index) if x is not None]
         lo_s = np.minimum(np.nan_to_num(lo[ok], nan=np.nan), 0.0) if len(ok) else lo[ok]
         t0 = time.perf_counter()
-        s = act.sae_sample(inp, [index[i] for i in ok], lo_s, hi[ok], cfg.histogram_bins, cfg.sample_tokens)
-        self.log(f"[report] sae: histograms and sums of {len(ok)} features over {s.tokens:,} tokens "
+        s = act.sae_sample(inp, [index[i] for i in ok], lo_s, hi[ok], cfg.histogram_bins, cfg.sample_tokens,
+                           stage, rel)
+        self.log(f"[report] {src}: histograms and sums of {len(ok)} features over {s.tokens:,} tokens "
                  f"({time.perf_counter() - t0:.1f}s)")
         return {"hist": s.hist, "row": {keys[i]: j for j, i in enumerate(ok)}, "tokens": s.tokens,
                 "sums": {keys[i]: float(s.sums[j]) for j, i in enumerate(ok)},
@@ -338,8 +562,15 @@ class ReportBuilder:
             self._miss("top contexts on feature pages", f"topk/contexts.parquet lacks column(s) {', '.join(lacking)}")
             return {}
         st = inp.stage("topk")
+        # only the rows of the wanted features (a sparse source may have tens of thousands; its
+        # features may be spelled as the index alone by an older topk)
+        raw = set(keys) | ({str(sparse_index(k)) for k in keys if sparse_index(k) is not None}
+                           if src in SPARSE_STORE else set())
+        if not raw:
+            return {}
         with st.fs.open_input_file(st.path("contexts.parquet")) as f:
-            t = pq.read_table(f, columns=CONTEXT_COLUMNS, filters=[("source", "==", src)])
+            t = pq.read_table(f, columns=CONTEXT_COLUMNS, filters=[("source", "==", src),
+                                                                   ("feature", "in", sorted(raw))])
         if t.num_rows == 0:
             return {}
         fk = [feature_key(src, x) for x in t.column("feature").to_pylist()]
@@ -388,25 +619,25 @@ class ReportBuilder:
                 out[k] = act.window_for(doc, min(pos, len(toks) - 1), len(toks), self.cfg.trace_max_tokens)
         return out
 
+    def _trace_values(self, src: str, windows: dict[str, act.Window]) -> dict[str, np.ndarray]:
+        if not windows:
+            return {}
+        if src in DENSE_STORE:
+            stage, rel = DENSE_STORE[src]
+            return act.dense_window_values(self.inputs, stage, rel, windows)
+        stage, rel = SPARSE_STORE[src]
+        return act.sae_window_values(self.inputs, windows, {k: sparse_index(k) for k in windows
+                                                            if sparse_index(k) is not None}, stage, rel)
+
     def _pages(self, src: str, sub: pd.DataFrame, sample: dict) -> None:
+        """One page per feature of `sub`, PAGE_CHUNK features at a time (their contexts and
+        trace values read per chunk, so a source of tens of thousands of features never has
+        all its contexts in memory)."""
         inp, cfg = self.inputs, self.cfg
         keys = sub["key"].tolist()
-        ctx = self._contexts(src, set(keys)) if inp.done("topk") else {}
         if not hasattr(self, "doc_tokens"):
             self.doc_tokens: dict[int, list[str]] = {}
             self.trace_ranges: dict[int, list[int]] = {}
-        windows = self._trace_windows(src, ctx)
-        if windows:
-            if src in DENSE_STORE:
-                stage, rel = DENSE_STORE[src]
-                tvals = act.dense_window_values(inp, stage, rel, windows)
-            else:
-                tvals = act.sae_window_values(inp, windows, {k: sae_index(k) for k in windows if sae_index(k) is not None})
-        else:
-            tvals = {}
-        for w in windows.values():
-            r = self.trace_ranges.setdefault(w.doc, [w.start, w.end])
-            r[0], r[1] = min(r[0], w.start), max(r[1], w.end)
         pdir = self.out / "features" / src
         pdir.mkdir(parents=True, exist_ok=True)
         taken: set[str] = set()
@@ -417,7 +648,20 @@ class ReportBuilder:
         hist = sample.get("hist")
         records = sub.to_dict("records")
         cb, ca = cfg.context_before, cfg.context_after
+        n_ctx = n_win = 0
+        ctx: dict = {}
+        windows: dict = {}
+        tvals: dict = {}
         for i, row in enumerate(records):
+            if i % PAGE_CHUNK == 0:
+                chunk = set(keys[i:i + PAGE_CHUNK])
+                ctx = self._contexts(src, chunk) if inp.done("topk") else {}
+                windows = self._trace_windows(src, ctx)
+                tvals = self._trace_values(src, windows)
+                for w in windows.values():
+                    r = self.trace_ranges.setdefault(w.doc, [w.start, w.end])
+                    r[0], r[1] = min(r[0], w.start), max(r[1], w.end)
+                n_ctx, n_win = n_ctx + len(ctx), n_win + len(windows)
             k = row["key"]
             row = {c: (v if present(v) else None) for c, v in row.items()}
             row["where"] = where(row)
@@ -458,17 +702,19 @@ class ReportBuilder:
                 j = sample["row"][k]
                 hist_html = dash.histogram_svg(hist.counts[j], hist.edges(j), f"activation histogram of {k}")
             else:
-                hist_html = '<p class="muted">no activation sample (extract or sae output missing)</p>'
+                hist_html = ('<p class="muted">no activation sample (' + dash.esc(
+                    "/".join(DENSE_STORE.get(src) or SPARSE_STORE.get(src) or ("extract",))) + " output missing)</p>")
             nav = {"prev": f"{names[i - 1]}.html" if i > 0 else None,
                    "next": f"{names[i + 1]}.html" if i + 1 < len(names) else None}
             script = f"traces/d{trace['doc']}.js" if trace else None
             (pdir / f"{names[i]}.html").write_text(dash.feature_page(row, data, hist_html, nav, script))
             self.on_page(1)
-        if inp.done("topk") and not ctx and records:
+        if inp.done("topk") and not n_ctx and records:
             self._miss(f"top contexts of {src} features", f"topk/contexts.parquet has none for source '{src}'"
-                       + (" (topk ran before sae finished? rerun topk)" if src == "sae" else ""))
+                       + (f" (topk ran before {SPARSE_STORE[src][0]} finished? rerun topk)"
+                          if src in SPARSE_STORE else ""))
         self.result.pages[src] = len(records)
-        self.log(f"[report] {src}: {len(records)} feature pages ({len(ctx)} with contexts, {len(windows)} with traces)")
+        self.log(f"[report] {src}: {len(records)} feature pages ({n_ctx} with contexts, {n_win} with traces)")
 
     def _write_traces(self) -> None:
         tdir = self.out / "traces"
@@ -615,9 +861,10 @@ class ReportBuilder:
         self.steering()
         self.features()
         self._write_traces()
+        self.transcoder()
         self.curves()
         order = {"table1": 0, "table2": 1, "figure1": 2, "figure2": 3, "figure3": 4, "sae": 5, "autointerp": 6,
-                 "steering": 7, "training": 8}
+                 "transcoder": 7, "steering": 8, "training": 9}
         self.sections.sort(key=lambda s: order.get(s.anchor, 99))
         self.result.missing = list(self.inputs.missing)
         self.index()

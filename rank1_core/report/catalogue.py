@@ -1,10 +1,13 @@
-"""The feature catalogue: every adapter component, baseline MLP neuron and live SAE feature
-of a run, with what the later stages found about it (explanation, classification, category,
-detection score, activation statistics).
+"""The feature catalogue: every adapter component, baseline MLP neuron, live SAE feature and
+live transcoder-adapter latent of a run, with what the later stages found about it
+(explanation, classification, category, detection score, activation statistics, hesitation).
 
 Which features exist comes from the stage that made them (extract's component and neuron
-catalogues, the SAE's latents table); a feature that only appears in topk or autointerp
-output is still listed. Keys follow `loaders.feature_key`.
+catalogues, the SAE's latents table, transcoder_extract's latents table); a feature that only
+appears in topk or autointerp output is still listed. Keys follow `loaders.feature_key`.
+Transcoder features are ordered hesitation features first (the ones transcoder_eval
+ablates), then explained ones, then the rest, each by index, so `report.max_features`
+keeps the interesting ones of a source that can have tens of thousands of live latents.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from rank1_core.config import LORA_MODULES
-from rank1_core.report.loaders import SOURCES, RunInputs, feature_key, sae_index
+from rank1_core.report.loaders import SOURCES, RunInputs, feature_key, sae_index, sparse_index
 
 COLUMNS = ["source", "key", "order", "layer", "module", "kind", "neuron", "live", "freq", "sign", "explanation",
            "classification", "classification_reasoning", "category", "category_name", "score", "model",
            "error", "explanation_neg", "classification_neg", "category_name_neg", "score_neg",
-           "n_tokens", "mean", "std", "min", "max", "frac_active", "a_norm", "b_norm"]
+           "n_tokens", "mean", "std", "min", "max", "frac_active", "a_norm", "b_norm",
+           "latent", "dec_norm", "enc_norm", "hesitation", "hesitation_selected"]
 EXPLANATION_COLUMNS = ["source", "key", "sign", "explanation", "classification", "category", "category_name", "score"]
 CLASS_NAMES = {0: "clear", 1: "broad", 2: "polysemantic"}
 
@@ -77,6 +81,11 @@ def _sort_key(source: str, key: str, row: dict) -> tuple:
         return (row.get("layer", 1 << 30), mi, key)
     if source == "neuron":
         return (row.get("layer", 1 << 30), row.get("neuron", 1 << 30), key)
+    if source == "transcoder":
+        idx = sparse_index(key)
+        rank = 0 if row.get("hesitation_selected") else 1 if present(row.get("explanation")) or \
+            present(row.get("explanation_neg")) else 2
+        return (rank, idx if idx is not None else 1 << 30, key)
     idx = sae_index(key)
     return (idx if idx is not None else 1 << 30, key)
 
@@ -110,6 +119,30 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
         for r in lat.to_dict("records"):
             add("sae", feature_key("sae", r.get("name") or int(r["feature"])), live=bool(r.get("live", True)),
                 freq=r.get("freq"))
+
+    if inputs.started("transcoder_extract"):
+        tl = inputs.table("transcoder_extract", "latents.parquet", "transcoder feature list", ["feature"],
+                          optional=["name", "layer", "latent", "live", "freq", "dec_norm", "enc_norm"])
+        if tl is not None:
+            if "live" in tl:
+                tl = tl[tl["live"].astype(bool)]
+            for r in tl.to_dict("records"):
+                add("transcoder", feature_key("transcoder", r.get("name") or int(r["feature"])),
+                    live=bool(r.get("live", True)), freq=r.get("freq"), layer=r.get("layer"), latent=r.get("latent"),
+                    dec_norm=r.get("dec_norm"), enc_norm=r.get("enc_norm"))
+        if inputs.exists("transcoder_extract", "hesitation_features.parquet"):
+            hf = inputs.table("transcoder_extract", "hesitation_features.parquet", "transcoder hesitation features",
+                              ["feature"], optional=["name", "contexts", "matches", "share", "selected"])
+            for r in ([] if hf is None else hf.to_dict("records")):
+                key = feature_key("transcoder", r.get("name") or int(r["feature"]))
+                if (("transcoder", key) not in rows) and not r.get("selected"):
+                    continue  # a candidate that is not a live latent: nothing to add it to
+                m, c = r.get("matches"), r.get("contexts")
+                text = (f"{int(m)}/{int(c)} top contexts at a hesitation word" if present(m) and present(c)
+                        else "hesitation contexts")
+                sel = bool(r.get("selected")) if present(r.get("selected")) else False
+                add("transcoder", key, hesitation=text + ("; selected: ablated by transcoder_eval" if sel else ""),
+                    hesitation_selected=sel)
 
     stats = inputs.table("topk", "stats.parquet", "activation statistics", ["source", "feature"],
                          optional=["n_tokens", "mean", "std", "min", "max", "frac_active"])
@@ -169,15 +202,18 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
     df.attrs["explanations"] = long[long["source"].isin(want)].reset_index(drop=True)
     # object columns keep None (not NaN) for missing text
     for c in ("explanation", "category", "category_name", "classification_reasoning", "model", "error", "module", "kind",
-              "explanation_neg", "category_name_neg", "sign"):
+              "explanation_neg", "category_name_neg", "sign", "hesitation"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df
 
 
 def where(row: dict) -> str:
-    """'L03 gate_proj', 'L03 #0012' or '' (for SAE features: cross-layer)."""
+    """'L03 gate_proj', 'L03 #0012', 'L03 latent 12' (transcoder) or '' (SAE features are
+    cross-layer)."""
     if row["source"] == "adapter" and present(row.get("layer")) and present(row.get("module")):
         return f"L{int(row['layer']):02d} {row['module']}"
     if row["source"] == "neuron" and present(row.get("layer")) and present(row.get("neuron")):
         return f"L{int(row['layer']):02d} #{int(row['neuron']):04d}"
+    if row["source"] == "transcoder" and present(row.get("layer")) and present(row.get("latent")):
+        return f"L{int(row['layer']):02d} latent {int(row['latent'])}"
     return ""

@@ -29,7 +29,9 @@ import pandas as pd
 ASSETS = ("style.css", "index.js", "feature.js")
 CSP = ("default-src 'none'; script-src 'self' file:; style-src 'self' file: 'unsafe-inline'; "
        "img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
-SOURCE_LABELS = {"adapter": "LoRA component", "neuron": "MLP neuron", "sae": "SAE feature"}
+SOURCE_LABELS = {"adapter": "LoRA component", "neuron": "MLP neuron", "sae": "SAE feature",
+                 "transcoder": "transcoder feature"}
+SPARSE_SOURCES = ("sae", "transcoder")
 CLASS_NAMES = {0: "clear", 1: "broad", 2: "polysemantic"}
 
 
@@ -188,7 +190,8 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
         facts.append(("negative side", neg))
     for k, label in (("n_tokens", "tokens"), ("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max"),
                      ("frac_active", "fraction active"), ("freq", "firing frequency"), ("a_norm", "|lora_A|"),
-                     ("b_norm", "|lora_B|")):
+                     ("b_norm", "|lora_B|"), ("dec_norm", "|W_dec row|"), ("enc_norm", "|W_enc column|"),
+                     ("hesitation", "hesitation")):
         if row.get(k) is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
             facts.append((label, _fmt(row[k])))
     if row.get("model"):
@@ -217,7 +220,7 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
 </header>
 <div class="feature-top">
 <table class="facts">{facts_html}</table>
-<figure class="histogram"><figcaption>activation histogram (sample of {esc(data.get("hist_tokens", 0))} tokens{'; tokens where the feature fires' if src == 'sae' else ''})</figcaption>{hist_html}</figure>
+<figure class="histogram"><figcaption>activation histogram (sample of {esc(data.get("hist_tokens", 0))} tokens{'; tokens where the feature fires' if src in SPARSE_SOURCES else ''})</figcaption>{hist_html}</figure>
 </div>
 {steer_html}<p class="legend">Token colour: <span class="swatch pos">positive</span> <span class="swatch neg">negative</span>,
 intensity = activation / the largest activation of its sign on this page (+{esc(_fmt(data.get("maxpos")))},

@@ -21,8 +21,9 @@ from rank1_core.config import LORA_MODULES
 
 CLASS_LABELS = {0: "0 clear (monosemantic)", 1: "1 broad but consistent", 2: "2 polysemantic", -1: "unclassified"}
 CLASS_COLORS = {0: "#2b8a3e", 1: "#74b816", 2: "#e8590c", -1: "#adb5bd"}
-SOURCE_LABELS = {"adapter": "LoRA components", "neuron": "MLP neurons", "sae": "SAE features"}
-SOURCE_COLORS = {"adapter": "#e8590c", "neuron": "#1c7ed6", "sae": "#7048e8"}
+SOURCE_LABELS = {"adapter": "LoRA components", "neuron": "MLP neurons", "sae": "SAE features",
+                 "transcoder": "transcoder features"}
+SOURCE_COLORS = {"adapter": "#e8590c", "neuron": "#1c7ed6", "sae": "#7048e8", "transcoder": "#0ca678"}
 
 
 def _label(s) -> str:
@@ -229,6 +230,62 @@ def curves(metrics: pd.DataFrame, path: Path, title: str, specs=SAE_CURVES, x: s
 
 TRAIN_CURVES = (("loss", "training loss"), ("heldout_loss", "held-out loss"), ("lr", "learning rate"),
                 ("tokens_per_s", "tokens/s"))
+TRANSCODER_CURVES = (("loss", "loss"), ("kl", "KL(target || base + adapters)"), ("recon", "recon (mean FVU)"),
+                     ("fve", "FVE of the MLP difference"), ("sparsity", "sparsity term"),
+                     ("l0", "L0 (latents/layer/token)"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s"))
+
+
+def transcoder_layers(layers: pd.DataFrame, path: Path, dpi: int = 130) -> Path:
+    """Per adapted layer: (a) explained variance of the MLP difference by the transcoder
+    branch (fve_difference; 1 = the fine-tune's change of that MLP reproduced exactly);
+    (b) when the columns exist, mean norm of the difference vs the branch's output, and L0."""
+    d = layers.sort_values("layer")
+    has_norms = {"diff_norm", "adapter_norm"} <= set(d.columns)
+    has_l0 = "l0" in d.columns
+    n = 1 + int(has_norms or has_l0)
+    width = max(6.0, min(18.0, 2.5 + 0.22 * len(d)))
+    fig = Figure(figsize=(width, 2.9 * n + 0.5))
+    axes = fig.subplots(n, 1, squeeze=False)[:, 0]
+    ls = [int(v) for v in d["layer"]]
+    ticks = ls[:: max(1, len(ls) // 32)]
+    for a in axes:
+        a.set_xticks(ticks)
+        if ls:
+            a.set_xlim(min(ls) - 0.6, max(ls) + 0.6)
+    ax = axes[0]
+    fve = pd.to_numeric(d["fve_difference"], errors="coerce")
+    colors = ["#0ca678" if v >= 0 else "#e03131" for v in fve.fillna(0)]
+    ax.bar(d["layer"], fve.fillna(0), color=colors, width=0.8)
+    ax.axhline(1.0, color="#495057", lw=0.8, ls="--")
+    ax.axhline(0.0, color="#495057", lw=0.8)
+    ax.set_ylabel("FVE of MLP difference")
+    ax.set_xlabel("layer")
+    lo = float(fve.min()) if fve.notna().any() else 0.0
+    ax.set_ylim(max(min(0.0, lo * 1.1), -5.0), 1.05)
+    if lo < -5:
+        ax.text(0.01, 0.02, f"(clipped; lowest {lo:.3g})", transform=ax.transAxes, fontsize=7)
+    ax.set_title("(a) explained variance of target_mlp(x) - base_mlp(x) by the adapter, per layer", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if n > 1:
+        ax = axes[1]
+        if has_norms:
+            ax.plot(d["layer"], d["diff_norm"], marker="o", ms=3, lw=1.2, color="#495057", label="|difference|")
+            ax.plot(d["layer"], d["adapter_norm"], marker="o", ms=3, lw=1.2, color="#0ca678", label="|adapter output|")
+            ax.set_ylabel("mean norm per token")
+            ax.legend(fontsize=7, loc="upper left")
+        if has_l0:
+            ax2 = ax.twinx() if has_norms else ax
+            ax2.bar(d["layer"], d["l0"], color="#dee2e6" if has_norms else "#adb5bd", width=0.8, label="L0")
+            ax2.set_ylabel("L0 (active latents/token)")
+            if has_norms:  # the lines over the bars
+                ax.set_zorder(ax2.get_zorder() + 1)
+                ax.patch.set_visible(False)
+        ax.set_xlabel("layer")
+        ax.set_title("(b) size of the MLP difference and of the adapter's output; L0 (bars)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Transcoder adapters: faithfulness per layer (held-out traces)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
 
 
 def detection_scores(features: pd.DataFrame, path: Path, dpi: int = 130) -> Optional[Path]:

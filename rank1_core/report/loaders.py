@@ -23,10 +23,18 @@ import pyarrow.parquet as pq
 
 from rank1_core.rundir import RunDir, StageDir
 
-# The stages whose outputs the report reads, in pipeline order.
+# The stages whose outputs the report reads, in the status table's order (the transcoder
+# stages appended last, so the report's hash on a run without them is what it was).
 UPSTREAM = ("prepare", "train", "train_full", "evaluate", "ablate", "extract", "topk", "sae", "autointerp",
-            "steer")
-SOURCES = ("adapter", "neuron", "sae")
+            "steer", "transcoder", "transcoder_extract", "transcoder_eval")
+SOURCES = ("adapter", "neuron", "sae", "transcoder")
+TRANSCODER_STAGES = ("transcoder", "transcoder_extract", "transcoder_eval")
+# Groups of stages not every run has: when no stage of a group was ever started, the group is
+# left out of the status table and the report says nothing about it; once one started, all
+# of its stages are listed like any other (and what the others would give is "not rendered").
+OPTIONAL_GROUPS = (TRANSCODER_STAGES,)
+# Sparse feature sources: (stage, folder) of their doc_id, pos, feature, value Parquet.
+SPARSE_STORE = {"sae": ("sae", "features"), "transcoder": ("transcoder_extract", "features")}
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,10 @@ def sae_name(idx: int) -> str:
 
 def feature_key(source: str, feature: Any) -> str:
     """One spelling per feature across stages: adapter 'L03_gate_proj', neuron 'N03_0012',
-    SAE 'F00012' (an SAE feature given as an index, int or digits, becomes its name)."""
-    if source == "sae":
+    SAE and transcoder 'F00012' (a sparse feature given as an index, int or digits, becomes
+    its name; topk's SQL prints both sparse sources as 'F%05d' of the global index, and a
+    transcoder feature's index is layer * d_latent + latent)."""
+    if source in SPARSE_STORE:
         if isinstance(feature, (int, np.integer)):
             return sae_name(feature)
         s = str(feature)
@@ -55,8 +65,12 @@ def feature_key(source: str, feature: Any) -> str:
 
 
 def sae_index(key: str) -> Optional[int]:
+    """The index of a sparse (SAE or transcoder) feature key 'F00012' -> 12."""
     m = re.fullmatch(r"F(\d+)", key)
     return int(m.group(1)) if m else None
+
+
+sparse_index = sae_index
 
 
 class RunInputs:
@@ -93,6 +107,10 @@ class RunInputs:
                if state == "partial" else f"stage '{stage}' has not run")
         self.miss(what, why)
         return None
+
+    def started(self, stage: str) -> bool:
+        """The stage has run or is running (done or partial)."""
+        return self.stage_state(stage) != "missing"
 
     def exists(self, stage: str, rel: str) -> bool:
         return self.done(stage) and self.stage(stage).exists(rel)
@@ -205,7 +223,10 @@ class RunInputs:
 def stage_rows(inputs: RunInputs) -> list[dict]:
     """One row per upstream stage: its state, when it finished, how long it took."""
     rows = []
+    unused = {s for g in OPTIONAL_GROUPS if not any(inputs.started(x) for x in g) for s in g}
     for name in UPSTREAM:
+        if name in unused:
+            continue
         state = inputs.stage_state(name)
         m = inputs.manifest(name) if state == "done" else {}
         rows.append({"stage": name, "state": state, "config_hash": m.get("config_hash", ""),

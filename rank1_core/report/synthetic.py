@@ -6,7 +6,11 @@ fires on a few trigger tokens (plus noise), top-k contexts and statistics comput
 those activations, a sparse SAE encoding, explanations, categories, evaluation and
 ablation tables. Each stage is written through `run_stage`, so its manifest and `_SUCCESS`
 marker are real. `evil=True` puts HTML/JS injection strings into tokens, explanations,
-categories and benchmark names, for the escaping tests.
+categories and benchmark names, for the escaping tests. `transcoder=True` also writes the
+transcoder stages (faithfulness, per-layer FVE, training metrics; sparse latents in the SAE
+layout with two hesitation features firing on ' Wait' / ' Hmm'; the benchmarks with the
+adapters, hesitation features ablated and a random control) and transcoder rows in topk and
+autointerp, in the schemas of `ray_jobs/transcoder*.py`.
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ class SyntheticSpec:
     seed: int = 0
     evil: bool = False
     docs_per_file: int = 4
+    transcoder: bool = False
+    """Also write the transcoder stages (those listed in `stages`) and, with transcoder_extract
+    listed, transcoder rows in topk and autointerp."""
+    transcoder_latents: int = 12
+    """Latents per adapted layer (d_latent): feature l * d_latent + i is latent i of layer l."""
+    transcoder_problems: int = 20
+    """Problems per benchmark in transcoder_eval (evaluate has 50: transcoder.eval.limit)."""
 
 
 def _stage(run: RunDir, name: str, body) -> dict:
@@ -154,10 +165,14 @@ def _topk(x: np.ndarray, doc_of: np.ndarray, pos_of: np.ndarray, docs: list[list
     return ctx, stats
 
 
+TRANSCODER_STAGES = ("transcoder", "transcoder_extract", "transcoder_eval")
+
+
 def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
                        stages: Iterable[str] = ("train", "train_full", "evaluate", "ablate", "extract", "topk",
-                                                "sae", "autointerp")) -> RunDir:
-    """Write the outputs of the listed stages into `run_dir` (any subset: a partial run)."""
+                                                "sae", "autointerp", *TRANSCODER_STAGES)) -> RunDir:
+    """Write the outputs of the listed stages into `run_dir` (any subset: a partial run).
+    The transcoder stages are written only with `spec.transcoder`."""
     spec = spec or SyntheticSpec()
     stages = set(stages)
     rng = np.random.default_rng(spec.seed)
@@ -177,6 +192,9 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
     live[:: 7] = False
     xs[:, ~live] = 0
     xs[xs < 0.2] = 0
+    benches = ["arith-heldout", "math500"] + (['<img src=x onerror=alert(4)>'] if spec.evil else [])
+    tc = _transcoder_features(spec, docs, vocab) if spec.transcoder else None
+    tc_ranked = tc is not None and "transcoder_extract" in stages  # topk ranks them once they are extracted
 
     def files():
         for s in range(0, spec.docs, spec.docs_per_file):
@@ -201,7 +219,6 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
 
     if "evaluate" in stages:
         def body(sr):
-            benches = ["arith-heldout", "math500"] + (['<img src=x onerror=alert(4)>'] if spec.evil else [])
             rows = []
             for b in benches:
                 for v, p in (("base", 0.12), ("lora", 0.70), ("full", 0.76)):
@@ -287,8 +304,11 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
     if "topk" in stages:
         def body(sr):
             parts, stats = [], []
-            for src, keys, x in (("adapter", adapter, xa), ("neuron", neurons, xn),
-                                 ("sae", [k for k, l in zip(sae_keys, live) if l], xs[:, live])):
+            sources = [("adapter", adapter, xa), ("neuron", neurons, xn),
+                       ("sae", [k for k, l in zip(sae_keys, live) if l], xs[:, live])]
+            if tc_ranked:
+                sources.append(("transcoder", [k for k, l in zip(tc["keys"], tc["live"]) if l], tc["x"][:, tc["live"]]))
+            for src, keys, x in sources:
                 c, s = _topk(x, doc_of, pos_of, docs, keys, src, spec)
                 parts.append(c)
                 stats.append(s)
@@ -300,15 +320,19 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
         def body(sr):
             rows = []
             cats = list(CATEGORIES) + ([("evil_cat", EVIL[1] + " category")] if spec.evil else [])
-            for src, keys in (("adapter", adapter), ("neuron", neurons),
-                              ("sae", [k for k, l in zip(sae_keys, live) if l])):
+            sources = [("adapter", adapter), ("neuron", neurons), ("sae", [k for k, l in zip(sae_keys, live) if l])]
+            if tc_ranked:
+                sources.append(("transcoder", [k for k, l in zip(tc["keys"], tc["live"]) if l]))
+            for src, keys in sources:
+                triggers = tc["triggers"] if src == "transcoder" else trig  # transcoder keys reuse F%05d
                 for i, k in enumerate(keys):
-                    pos, _ = trig[k]
+                    pos, _ = triggers[k]
                     expl = "fires on " + ", ".join(repr(t) for t in sorted(pos))
                     if spec.evil and i == 0:
                         expl = EVIL[0] + " and " + EVIL[1]
-                    cls = [0, 0, 1, 2, None][int(rng.integers(5))] if src != "sae" else [0, 0, 0, 1, 2][int(rng.integers(5))]
-                    if src != "sae" and i % 2 == 0:  # autointerp explains each sign; SAE features are >= 0
+                    sparse = src in ("sae", "transcoder")
+                    cls = [0, 0, 1, 2, None][int(rng.integers(5))] if not sparse else [0, 0, 0, 1, 2][int(rng.integers(5))]
+                    if not sparse and i % 2 == 0:  # autointerp explains each sign; sparse features are >= 0
                         neg = "negative on " + ", ".join(repr(t) for t in sorted(trig[k][1])) if trig[k][1] else None
                         rows.append({"source": src, "feature": k, "sign": "neg", "explanation": neg,
                                      "classification": 1 if neg else None, "classification_reasoning": "synthetic",
@@ -334,7 +358,147 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
                 "cost_usd": 0.0004, "latency_s": 0.8, "status": ["ok"] * (n - 1) + ["error"],
                 "error": [None] * (n - 1) + ["timeout"]}))
         _stage(run, "autointerp", body)
+
+    if tc is not None:
+        _write_transcoder(run, spec, stages, tc, docs, doc_of, pos_of, starts, vocab, benches, files)
     return run
+
+
+def _transcoder_features(spec: SyntheticSpec, docs: list[list[str]], vocab: list[str]) -> dict:
+    """Transcoder latents (own generator: the other stages' numbers do not move): keys
+    F%05d of l * d_latent + i, sparse non-negative activations, every fifth latent dead, and
+    two hesitation features (' Wait', ' Hmm') in the last layer."""
+    rng = np.random.default_rng([spec.seed, 10])
+    d = spec.transcoder_latents
+    keys = [f"F{l * d + i:05d}" for l in range(spec.layers) for i in range(d)]
+    trig = _features(keys, vocab, rng)
+    last = (spec.layers - 1) * d
+    hes = []
+    for j, word in ((last + 1, " Wait"), (last + 2, " Hmm")):
+        if word in vocab:
+            trig[keys[j]] = ({word}, set())
+            hes.append(j)
+    x = np.maximum(_activations(docs, keys, trig, rng, noise=0.05), 0)
+    live = np.ones(len(keys), dtype=bool)
+    live[3::5] = False
+    live[hes] = True
+    x[:, ~live] = 0
+    x[x < 0.2] = 0
+    live = (x > 0).any(axis=0)
+    return {"keys": keys, "x": x, "live": live, "triggers": trig, "hesitation": hes, "d_latent": d, "rng": rng}
+
+
+def _write_transcoder(run: RunDir, spec: SyntheticSpec, stages: set, tc: dict, docs, doc_of, pos_of, starts,
+                      vocab, benches, files) -> None:
+    rng, x, live, d = tc["rng"], tc["x"], tc["live"], tc["d_latent"]
+    n_feat = len(tc["keys"])
+    layer_of = np.arange(n_feat) // d
+    faith = {"tokens": int(len(x)), "kl_adapted": 0.041, "kl_base": 0.312, "kl_closed": 1 - 0.041 / 0.312,
+             "ce_adapted": 1.18, "ce_base": 1.52, "ce_target": 1.11, "top1_agree_adapted": 0.91,
+             "top1_agree_base": 0.74, "fve_difference_mean": 0.0, "l0_per_layer": 3.2,
+             "live_latents": int(live.sum()), "latents": n_feat, "positions": "all"}
+    fve = np.linspace(0.78, 0.41, spec.layers) if spec.layers > 1 else np.array([0.6])
+    faith["fve_difference_mean"] = float(fve.mean())
+
+    if "transcoder" in stages:
+        def body(sr):
+            n = 24
+            step = np.arange(1, n + 1)
+            _write(sr, "metrics.parquet", pd.DataFrame({
+                "step": step, "epoch": (step - 1) * 2 // n, "loss": 1.6 * np.exp(-step / 7) + 0.35,
+                "kl": 0.3 * np.exp(-step / 8) + 0.04, "recon": 0.9 * np.exp(-step / 9) + 0.3,
+                "sparsity": 0.02 + 0.001 * step, "l0": np.full(n, 3.2), "fve": 0.7 - 0.6 * np.exp(-step / 9),
+                "lr": 2e-3 * np.minimum(1, step / 3), "grad_norm": rng.uniform(0.5, 1.5, n), "tokens": step * 1024,
+                "tokens_per_s": rng.uniform(140, 160, n), "wall": step * 7.0}))
+            sr.stage.write_json("faithfulness.json", faith)
+            _write(sr, "faithfulness_layers.parquet", pd.DataFrame({
+                "layer": np.arange(spec.layers, dtype=np.int64), "tokens": len(x), "fve_difference": fve,
+                "fvu_difference": 1 - fve, "diff_norm": np.linspace(0.8, 2.4, spec.layers),
+                "adapter_norm": np.linspace(0.7, 1.7, spec.layers), "l0": 3.2,
+                "live_latents": [int(live[layer_of == l].sum()) for l in range(spec.layers)], "d_latent": d}))
+            sr.extra.update({"faithfulness": faith})
+        _stage(run, "transcoder", body)
+
+    if "transcoder_extract" in stages:
+        def body(sr):
+            tid = {t: i for i, t in enumerate(vocab)}
+            for fi, (a, b) in enumerate(files()):
+                sl = slice(starts[a], starts[b])
+                r, c = np.nonzero(x[sl])
+                _write(sr, f"features/part-{fi:05d}.parquet", pa.table({
+                    "doc_id": pa.array(doc_of[sl][r], pa.int64()), "pos": pa.array(pos_of[sl][r], pa.int32()),
+                    "feature": pa.array(c, pa.int32()), "value": pa.array(x[sl][r, c], pa.float32())}))
+                toks = [t for dd in docs[a:b] for t in dd]
+                _write(sr, f"tokens/part-{fi:05d}.parquet", pa.table({
+                    "doc_id": pa.array(doc_of[sl], pa.int64()), "pos": pa.array(pos_of[sl], pa.int32()),
+                    "token_id": pa.array([tid[t] for t in toks], pa.int32()), "token": toks,
+                    "split": ["train"] * len(toks)}))
+            count = (x > 0).sum(0)
+            _write(sr, "latents.parquet", pa.table({
+                "feature": pa.array(np.arange(n_feat), pa.int32()), "name": tc["keys"],
+                "layer": pa.array(layer_of, pa.int32()), "latent": pa.array(np.arange(n_feat) % d, pa.int32()),
+                "live": pa.array(count > 0), "count": pa.array(count, pa.int64()), "freq": count / len(x),
+                "mean_act": np.where(count > 0, x.sum(0) / np.maximum(count, 1), 0.0), "max_act": x.max(0),
+                "dec_norm": rng.uniform(0.2, 1.0, n_feat), "enc_norm": rng.uniform(0.5, 1.5, n_feat)}))
+            hes = tc["hesitation"]
+            other = next(i for i in range(n_feat) if live[i] and i not in hes)
+            rows = []
+            for j in hes + [other]:
+                sel = j in hes
+                top = sorted(tc["triggers"][tc["keys"][j]][0]) + ([EVIL[0]] if spec.evil and not sel else [])
+                rows.append({"feature": j, "name": tc["keys"][j], "layer": int(layer_of[j]), "latent": j % d,
+                             "contexts": 16, "matches": 14 if sel else 3, "share": 14 / 16 if sel else 3 / 16,
+                             "selected": sel, "freq": float(count[j] / len(x)), "max_act": float(x[:, j].max()),
+                             "top_tokens": top, "next_tokens": [" let", ","]})
+            _write(sr, "hesitation_features.parquet", pa.table({
+                "feature": pa.array([r["feature"] for r in rows], pa.int32()),
+                "name": [r["name"] for r in rows], "layer": pa.array([r["layer"] for r in rows], pa.int32()),
+                "latent": pa.array([r["latent"] for r in rows], pa.int32()),
+                "contexts": pa.array([r["contexts"] for r in rows], pa.int64()),
+                "matches": pa.array([r["matches"] for r in rows], pa.int64()),
+                "share": [r["share"] for r in rows], "selected": [r["selected"] for r in rows],
+                "freq": [r["freq"] for r in rows], "max_act": [r["max_act"] for r in rows],
+                "top_tokens": pa.array([r["top_tokens"] for r in rows], pa.list_(pa.string())),
+                "next_tokens": pa.array([r["next_tokens"] for r in rows], pa.list_(pa.string()))}))
+            summary = {"tokens": int(len(x)), "docs": len(docs), "feature_rows": int((x > 0).sum()),
+                       "latents": n_feat, "live_features": int((count > 0).sum()),
+                       "l0_per_token": float((x > 0).sum() / len(x)), "hesitation_candidates": len(rows),
+                       "hesitation_features": len(hes), "hesitation_selected": [int(j) for j in hes]}
+            sr.stage.write_json("summary.json", summary)
+            sr.extra.update(summary)
+        _stage(run, "transcoder_extract", body)
+
+    if "transcoder_eval" in stages:
+        def body(sr):
+            n_hes = len(tc["hesitation"])
+            conds = [("transcoder", 0.66, 212.0, 1.9, 0)]
+            if n_hes:
+                conds += [("transcoder_no_hesitation", 0.58, 168.0, 0.3, n_hes),
+                          ("transcoder_random_ablated", 0.65, 209.0, 1.8, n_hes)]
+            rows = []
+            for b in benches:
+                for v, p1, toks, hz, k in conds:
+                    hz_ = hz + rng.normal(0, 0.05)
+                    rows.append({"variant": v, "benchmark": b, "n_problems": spec.transcoder_problems, "n_samples": 1,
+                                 "pass1": p1 + rng.normal(0, 0.02), "stderr": 0.1, "mean_tokens": toks + rng.normal(0, 3),
+                                 "finished_rate": 0.9, "marker_rate": 0.95, "mean_hesitations": max(hz_, 0.0),
+                                 "hesitation_rate": min(1.0, max(hz_, 0.0) / 2), "features_ablated": k})
+            s = pd.DataFrame(rows)
+            s["features_ablated"] = s["features_ablated"].astype("int64")
+            _write(sr, "summary.parquet", s)
+            _write(sr, "samples.parquet", pd.DataFrame({
+                "variant": "transcoder", "benchmark": benches[0], "problem_id": ["p0"], "sample": [0],
+                "response": ["Wait, 4"], "extracted": ["4"], "correct": [True], "n_tokens": [3], "finished": [True],
+                "backend": ["transformers"], "lora_mode": [None], "hesitations": [1]}))
+            t = s[s["variant"] == "transcoder"]
+            rec = pd.DataFrame({"benchmark": t["benchmark"], "base": 0.1, "full": 0.8, "transcoder": t["pass1"],
+                                "recovered_pct": (t["pass1"] - 0.1) / 0.7 * 100, "reference": "evaluate"})
+            sr.stage.write_text("recovery.csv", rec.to_csv(index=False))
+            sr.stage.write_text("recovery.md", "| synthetic |\n|---|\n")
+            sr.stage.write_text("hesitation.csv", s.to_csv(index=False))
+            sr.stage.write_text("hesitation.md", "| synthetic |\n|---|\n")
+            sr.stage.write_text("faithfulness.md", "# synthetic\n")
+        _stage(run, "transcoder_eval", body)
 
 
 def _wide(ids: pd.DataFrame, token_ids: Optional[list[int]], columns: list[str], x: np.ndarray) -> pa.Table:

@@ -4,6 +4,9 @@
   % recovery = (LoRA - base) / (full - base).
 - Table 2 (group ablations): each group-ablated adapter's score x and its share of the
   adapter's recovered gain (x - b) / (l - b), b = base, l = the whole LoRA.
+- Transcoder adapters (stages transcoder, transcoder_eval): Table 1's transcoder column and
+  its % recovery with Table 1's base and full; the faithfulness numbers; the hesitation
+  ablation (adapters vs hesitation features ablated vs random features ablated).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-VARIANT_NAMES = {"base": "Base", "lora": "Rank-1 LoRA", "full": "Full fine-tune"}
+VARIANT_NAMES = {"base": "Base", "lora": "Rank-1 LoRA", "full": "Full fine-tune", "transcoder": "Transcoder adapters"}
+# Table 1 columns that are not a variant's score.
+T1_META = ("benchmark", "n_problems", "n_samples", "recovery_pct", "transcoder_n_problems", "transcoder_recovery_pct")
 
 
 def _num(v) -> Optional[float]:
@@ -55,20 +60,60 @@ def table1(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def table1_add_transcoder(t1: pd.DataFrame, tsum: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 plus the transcoder adapters from transcoder_eval/summary.parquet (its variant
+    'transcoder': base model + adapters as trained): columns transcoder, transcoder_stderr,
+    transcoder_n_problems and transcoder_recovery_pct = (transcoder - base) / (full - base)
+    with Table 1's own base and full (evaluate's). A benchmark only transcoder_eval has gets
+    a row of its own (no base/full there: recovery n/a)."""
+    t = tsum[tsum["variant"].astype(str) == "transcoder"]
+    by = {str(r["benchmark"]): r for r in t.to_dict("records")}
+    out = t1.copy()
+    extra = [b for b in by if b not in set(out["benchmark"].astype(str))]
+    if extra:
+        out = pd.concat([out, pd.DataFrame({"benchmark": extra})], ignore_index=True)
+        for c in ("n_problems", "n_samples"):
+            if c in out:
+                out[c] = out[c].astype("Int64")
+    score, err, n, rec = [], [], [], []
+    for row in out.to_dict("records"):
+        r = by.get(str(row["benchmark"]))
+        x = _num(r.get("pass1")) if r else None
+        score.append(x)
+        err.append(_num(r.get("stderr")) if r else None)
+        n.append(int(r["n_problems"]) if r and _num(r.get("n_problems")) is not None else None)
+        rec.append(recovery(x, _num(row.get("base")), _num(row.get("full"))))
+    out["transcoder"] = score
+    out["transcoder_stderr"] = err
+    out["transcoder_n_problems"] = pd.array(n, dtype="Int64")
+    out["transcoder_recovery_pct"] = rec
+    return out
+
+
 def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as the paper prints it: 4-decimal scores (± stderr), % recovery."""
-    variants = [c for c in t1.columns if c not in ("benchmark", "n_problems", "n_samples", "recovery_pct")
-                and not c.endswith("_stderr")]
+    """Table 1 as the paper prints it: 4-decimal scores (± stderr), % recovery (and, with the
+    transcoder adapters, their % recovery; their problem count when it is not Table 1's)."""
+    variants = [c for c in t1.columns if c not in T1_META and not c.endswith("_stderr")]
     out = pd.DataFrame({"Benchmark": t1["benchmark"]})
     if "n_problems" in t1:
-        out["Problems"] = t1["n_problems"]
+        out["Problems"] = ["" if _num(v) is None else int(v) for v in t1["n_problems"]]
     for v in variants:
         err = t1.get(f"{v}_stderr")
         out[VARIANT_NAMES.get(v, v)] = [
             _fmt_score(s, None if err is None else e) for s, e in zip(t1[v], err if err is not None else [None] * len(t1))]
-    out["% Recovery"] = [("n/a" if r is None or (isinstance(r, float) and math.isnan(r)) else f"{r:.2f}%")
-                         for r in t1["recovery_pct"]]
+    out["% Recovery"] = [_fmt_pct(r) for r in t1["recovery_pct"]]
+    if "transcoder_recovery_pct" in t1:
+        out["% Recovery (transcoder)"] = [_fmt_pct(r) for r in t1["transcoder_recovery_pct"]]
+        if "transcoder_n_problems" in t1 and ("n_problems" not in t1 or any(
+                _num(a) is not None and _num(a) != _num(b) for a, b in zip(t1["transcoder_n_problems"], t1["n_problems"]))):
+            out.insert(list(out.columns).index("Transcoder adapters"), "Transcoder problems",
+                       ["" if _num(v) is None else str(int(v)) for v in t1["transcoder_n_problems"]])
     return out
+
+
+def _fmt_pct(r) -> str:
+    r = _num(r)
+    return "n/a" if r is None else f"{r:.2f}%"
 
 
 def _fmt_score(s, e) -> str:
@@ -117,6 +162,118 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
             "—" if _num(x) is None else (f"{x:.4f} ({p:.2f}%)" if _num(p) is not None else f"{x:.4f}")
             for x, p in zip(t2[g], t2[f"{g}_pct"])]
     return out
+
+
+# --------------------------------------------------------------------------- transcoder adapters
+
+FAITHFULNESS_ROWS = (
+    ("KL(target || model), nats/token", "kl_base", "kl_adapted", 0.0),
+    ("cross-entropy of the held-out traces, nats/token", "ce_base", "ce_adapted", "ce_target"),
+    ("top-1 agreement with the target", "top1_agree_base", "top1_agree_adapted", 1.0),
+)
+FAITHFULNESS_SINGLE = (
+    ("share of the KL gap closed, 1 - kl_adapted / kl_base", "kl_closed"),
+    ("mean explained variance of the MLP difference (FVE)", "fve_difference_mean"),
+    ("L0: active latents per layer and token", "l0_per_layer"),
+    ("live latents (fired on the held-out traces)", "live_latents"),
+    ("latents", "latents"),
+    ("held-out next-token positions", "tokens"),
+)
+
+
+def faithfulness_table(f: dict) -> pd.DataFrame:
+    """transcoder/faithfulness.json -> measure, key, base, base_adapters, target: the three
+    models side by side (KL to the target, cross-entropy, top-1 agreement), then the numbers
+    of the adapters alone. Keys the file lacks are left out (an empty frame: none there)."""
+    rows = []
+    for label, kb, ka, kt in FAITHFULNESS_ROWS:
+        if ka not in f and kb not in f:
+            continue
+        tgt = _num(f.get(kt)) if isinstance(kt, str) else kt
+        rows.append({"measure": label, "key": ka, "base": _num(f.get(kb)), "base_adapters": _num(f.get(ka)),
+                     "target": tgt})
+    for label, k in FAITHFULNESS_SINGLE:
+        if k in f:
+            rows.append({"measure": label, "key": k, "base": None, "base_adapters": _num(f.get(k)), "target": None})
+    return pd.DataFrame(rows, columns=["measure", "key", "base", "base_adapters", "target"])
+
+
+def faithfulness_display(t: pd.DataFrame) -> pd.DataFrame:
+    def cell(v, key):
+        v = _num(v)
+        if v is None:
+            return ""
+        if key in ("live_latents", "latents", "tokens"):
+            return f"{int(v):,}"
+        if key == "kl_closed":
+            return f"{100 * v:.1f}%"
+        return f"{v:.4f}"
+
+    return pd.DataFrame({"Measure": t["measure"],
+                         "Base": [cell(v, k) for v, k in zip(t["base"], t["key"])],
+                         "Base + adapters": [cell(v, k) for v, k in zip(t["base_adapters"], t["key"])],
+                         "Target": [cell(v, k) for v, k in zip(t["target"], t["key"])]})
+
+
+HESITATION_CONDITIONS = {"transcoder": "adapters", "transcoder_no_hesitation": "hesitation features ablated",
+                         "transcoder_random_ablated": "random features ablated (control)", "base": "base model",
+                         "full": "full fine-tune (target)", "target": "target"}
+HESITATION_REQUIRED = ("variant", "benchmark", "pass1", "mean_tokens", "mean_hesitations")
+
+
+def hesitation_table(tsum: pd.DataFrame) -> pd.DataFrame:
+    """transcoder_eval/summary.parquet -> per benchmark and condition (adapters, hesitation
+    features ablated, random control; base / target when that stage generated them): features
+    ablated, response length, hesitations per response, share of responses with one, pass@1,
+    and the change of each from the unablated adapters."""
+    order = {v: i for i, v in enumerate(HESITATION_CONDITIONS)}
+    d = tsum.copy()
+    d["_o"] = [order.get(str(v), len(order)) for v in d["variant"]]
+    rows = []
+    for bench, g in d.groupby("benchmark", sort=False):
+        g = g.sort_values("_o", kind="stable")
+        ref = g[g["variant"].astype(str) == "transcoder"]
+        ref = ref.iloc[0] if len(ref) else None
+        for r in g.to_dict("records"):
+            v = str(r["variant"])
+            row = {"benchmark": str(bench), "variant": v, "condition": HESITATION_CONDITIONS.get(v, v),
+                   "features_ablated": int(r["features_ablated"]) if _num(r.get("features_ablated")) is not None
+                   else None,
+                   "n_problems": int(r["n_problems"]) if _num(r.get("n_problems")) is not None else None,
+                   "mean_tokens": _num(r["mean_tokens"]), "mean_hesitations": _num(r["mean_hesitations"]),
+                   "hesitation_rate": _num(r.get("hesitation_rate")), "pass1": _num(r["pass1"]),
+                   "stderr": _num(r.get("stderr"))}
+            for k, c in (("d_tokens", "mean_tokens"), ("d_hesitations", "mean_hesitations"), ("d_pass1", "pass1")):
+                a, b = row[c], None if ref is None else _num(ref[c])
+                row[k] = None if a is None or b is None else a - b
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["benchmark", "variant", "condition", "features_ablated", "n_problems",
+                                       "mean_tokens", "mean_hesitations", "hesitation_rate", "pass1", "stderr",
+                                       "d_tokens", "d_hesitations", "d_pass1"])
+
+
+def hesitation_display(h: pd.DataFrame) -> pd.DataFrame:
+    def f(v, fmt, signed=False):
+        v = _num(v)
+        if v is None:
+            return "—"
+        return (f"{v:+{fmt}}" if signed else f"{v:{fmt}}")
+
+    def delta(v, fmt, is_ref):
+        return "" if is_ref else f"({f(v, fmt, True)})"
+
+    ref = [v == "transcoder" for v in h["variant"]]
+    return pd.DataFrame({
+        "Benchmark": h["benchmark"], "Condition": h["condition"],
+        "Features ablated": ["" if _num(v) is None else str(int(v)) for v in h["features_ablated"]],
+        "Response length (tokens)": [f"{f(v, '.1f')} {delta(d, '.1f', r)}".strip()
+                                     for v, d, r in zip(h["mean_tokens"], h["d_tokens"], ref)],
+        "Hesitations per response": [f"{f(v, '.3f')} {delta(d, '.3f', r)}".strip()
+                                     for v, d, r in zip(h["mean_hesitations"], h["d_hesitations"], ref)],
+        "Responses with a hesitation": [("—" if _num(v) is None else f"{100 * v:.1f}%") for v in h["hesitation_rate"]],
+        "Accuracy (pass@1)": [f"{_fmt_score(v, e)} {delta(d, '.4f', r)}".strip()
+                              for v, e, d, r in zip(h["pass1"], h["stderr"], h["d_pass1"], ref)],
+    })
 
 
 def top_components(kl: pd.DataFrame, n: int = 10) -> pd.DataFrame:
