@@ -59,6 +59,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from rank1_core.config import TranscoderConfig
+from rank1_core.train import TrainState  # one checkpoint state for both training loops
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "transcoder_adapter"
@@ -553,26 +554,6 @@ class TranscoderObjective(nn.Module):
 
 
 # --------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainState:
-    """Where a run is; saved as JSON in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    tokens: int = 0
-    finished: bool = False
-    history: list[dict] = field(default_factory=list)
-    resumed_from: list[int] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        return cls(**json.loads(text))
 
 
 def epoch_plan(docs, cfg: TranscoderConfig, seed: int, epoch: int, world: int) -> list[list[list[int]]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from rank1_core.config import Config
 from ray_jobs.common import ensure_ray, execute, stage_cli
+from ray_jobs.progress import Progress
 
 STAGE = "ablate"
 
@@ -86,7 +87,12 @@ def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: l
                                    threads=ac.threads),
         batch_size=ac.batch_docs, batch_format="pandas", concurrency=ac.actors,
         num_cpus=ac.actor_cpus, num_gpus=ac.actor_gpus or None)
-    return ds.take_all()
+    rows = []
+    with Progress(STAGE, total=len(docs) * len(ablations), main="ablations", unit="abl") as p:
+        for r in ds.iter_rows():
+            rows.append(r)
+            p.update(1)
+    return rows
 
 
 def kl_tables(agg):

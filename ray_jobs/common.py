@@ -56,6 +56,49 @@ def ensure_ray(cfg: Config):
     return ray
 
 
+def quiet_train_worker() -> None:
+    """Inside a Ray Train worker: drop Ray Train's INFO line for every `ray.train.report`
+    ("Reporting training result N: TrainingReport(...)"), which would print the full
+    metrics dict once per optimizer step into the job log. Warnings and errors still show;
+    the step metrics go to the bar, the dashboard's metrics and the stage's Parquet."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray Train layout: keep its logging as it is
+        return
+    # That module logs through logging.getLogger(__file__).
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+RAY_TRAIN_RUN_NAME = "ray_train"
+"""Ray Train's run folder inside `<stage>/checkpoints/` (train, train_full, sae, transcoder)."""
+
+
+def torch_trainer(worker: Callable, loop_config: dict, stage: StageDir, *, num_workers: int,
+                  cpus_per_worker: float, gpus_per_worker: float, max_failures: int, keep_checkpoints: int,
+                  **trainer_kwargs):
+    """The `TorchTrainer` every training stage uses: `num_workers` workers of the given CPUs and
+    GPUs (NCCL with GPUs, gloo without), checkpoints in `<stage>/checkpoints/` through the run's
+    filesystem (shared storage on clusters), a worker failure restarting from the last
+    checkpoint up to `max_failures` times. Extra keywords (datasets, dataset_config) pass on."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
+    return TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RAY_TRAIN_RUN_NAME, storage_path=stage.path("checkpoints"), storage_filesystem=stage.fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+        **trainer_kwargs,
+    )
+
+
 def stage_dir(cfg: Config, name: str) -> StageDir:
     return RunDir(cfg.run.dir).stage(name)
 

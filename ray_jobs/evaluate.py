@@ -21,11 +21,13 @@ engine serves base and lora; merged builds one engine per adapter. Leaves in `ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 from rank1_core.config import Config
 from ray_jobs.common import ensure_ray, execute, stage_cli
+from ray_jobs.progress import Progress
 
 STAGE = "evaluate"
 
@@ -154,11 +156,12 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
                             batch_size=ec.batch_size, batch_format="pandas", concurrency=ec.actors,
                             num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus or None)
         label = f"{tag}:{'+'.join(adapters)}"
-        if sr is not None:
-            with sr.timed(label):
-                rows.extend(ds.take_all())
-        else:
-            rows.extend(ds.take_all())
+        with sr.timed(label) if sr is not None else contextlib.nullcontext():
+            with Progress(STAGE, total=len(part) * ec.samples, main="samples", unit="sample",
+                          desc=f"[{STAGE}] {label}") as p:
+                for r in ds.iter_rows():
+                    rows.append(r)
+                    p.update(1, tokens=int(r["n_tokens"]))
     generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
     if sr is not None:
         with sr.timed(f"grade:{tag}"):

@@ -18,6 +18,7 @@ import math
 
 from rank1_core.config import Config
 from ray_jobs.common import ensure_ray, execute, stage_cli
+from ray_jobs.progress import Progress
 
 STAGE = "extract"
 
@@ -64,7 +65,11 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
                 batch_size=ec.batch_docs, batch_format="numpy", concurrency=ec.actors,
                 num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor if gpu else None,
             )
-            summaries = list(ds.iter_rows())
+            summaries = []
+            with Progress(STAGE, total=count.tokens, main="tokens", unit="tok") as p:
+                for s in ds.iter_rows():
+                    summaries.append(s)
+                    p.update(int(s["tokens"]), docs=int(s["docs"]))
         with sr.timed("finalize"):
             files = [str(s["file"]) for s in summaries if s["file"]]
             dup = sorted({f for f in files if files.count(f) > 1})

@@ -55,6 +55,9 @@ GAUGES = {
     "loss": "Latest training loss",
     "heldout_loss": "Latest held-out loss",
     "lr": "Current learning rate",
+    "fvu": "SAE: fraction of variance unexplained (latest batch)",
+    "l0": "SAE: active latents per token (latest batch)",
+    "dead_fraction": "SAE: fraction of dead latents",
 }
 NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 

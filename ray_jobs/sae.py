@@ -32,7 +32,6 @@ from rank1_core.config import Config
 from ray_jobs.common import execute, stage_cli
 
 STAGE = "sae"
-RAY_RUN_NAME = "ray_train"
 
 
 def sae_worker(lc: dict) -> None:
@@ -43,11 +42,15 @@ def sae_worker(lc: dict) -> None:
     from ray.train import Checkpoint
 
     from rank1_core.config import SAEConfig
+    from ray_jobs.progress import Progress
     from rank1_core.rundir import resolve_filesystem
     from rank1_core.sae import (BatchTopKSAE, ColumnCollate, FeatureWriter, Normalization, SAETrainer,
                                 encode_batches, iter_activation_batches, run_training, write_outputs)
 
     cfg = SAEConfig(**lc["sae"])
+    from ray_jobs.common import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.use_gpu:
@@ -65,6 +68,7 @@ def sae_worker(lc: dict) -> None:
             trainer.load_checkpoint(d)
         if rank == 0:
             print(f"[sae] resumed from the checkpoint of step {trainer.step}", flush=True)
+    tr_total = trainer.total_steps - trainer.step  # what this attempt has left to do
 
     fs, _ = resolve_filesystem(lc["run_uri"])
     mine = lc["files"][rank::world]  # this worker's files (pyarrow loader, and encoding)
@@ -84,7 +88,15 @@ def sae_worker(lc: dict) -> None:
                                            shuffle_buffer=cfg.shuffle_buffer, seed=(lc["seed"], epoch, rank),
                                            drop_last=True)
 
+    # Rank 0: a bar (Ray's tqdm_ray, drawn by the driver) and the dashboard's metrics.
+    progress = Progress("sae", total=tr_total, main="steps", unit="step") if rank == 0 else None
+    last_tokens = [trainer.tokens]
+
     def on_step(tr: SAETrainer, m: dict) -> None:
+        if progress is not None:
+            progress.update(1, tokens=m["tokens"] - last_tokens[0])
+            progress.set(loss=m["loss"], lr=m["lr"], fvu=m["fvu"], l0=m["l0"], dead_fraction=m["dead_fraction"])
+            last_tokens[0] = m["tokens"]
         if tr.step % cfg.checkpoint_every and tr.step != tr.total_steps:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +105,8 @@ def sae_worker(lc: dict) -> None:
             ray.train.report(m, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     run_training(trainer, epoch_batches, lc["steps_per_epoch"], on_step)
+    if progress is not None:
+        progress.close()
 
     # Encode every token: files are dealt out by rank (Ray Train's equal split would drop rows).
     dead = trainer.dead_mask().cpu().numpy()
@@ -113,11 +127,10 @@ def run(cfg: Config, force: bool = False) -> dict:
 
     def body(sr):
         import ray.data
-        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train import DataConfig
 
         from rank1_core.sae import SAEInputError, StageInputs, plan_steps
-        from ray_jobs.common import ensure_ray
+        from ray_jobs.common import ensure_ray, torch_trainer
 
         stage = sr.stage
         extract = stage.run.stage("extract")
@@ -148,20 +161,9 @@ def run(cfg: Config, force: bool = False) -> dict:
         lc = {"sae": asdict(sc), "columns": inputs.columns, "kinds": inputs.kinds, "files": inputs.files,
               "norm": norm.to_dict(), "seed": cfg.run.seed, "total_steps": total, "steps_per_epoch": spe,
               "run_uri": stage.run.uri_of(stage.run.root), "stage_path": stage.path(), "features_dir": stage.path("features")}
-        resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}
-        trainer = TorchTrainer(
-            sae_worker,
-            train_loop_config=lc,
-            torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                         resources_per_worker=resources),
-            **data,
-            run_config=RunConfig(
-                name=RAY_RUN_NAME, storage_path=stage.path("checkpoints"), storage_filesystem=stage.fs,
-                failure_config=FailureConfig(max_failures=sc.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=sc.keep_checkpoints),
-            ),
-        )
+        trainer = torch_trainer(sae_worker, lc, stage, num_workers=sc.num_workers,
+                                cpus_per_worker=sc.cpus_per_worker, gpus_per_worker=1 if sc.use_gpu else 0,
+                                max_failures=sc.max_failures, keep_checkpoints=sc.keep_checkpoints, **data)
         with sr.timed("fit_and_encode"):
             trainer.fit()
         summary = json.loads(stage.read_text("summary.json"))

@@ -31,7 +31,6 @@ from ray_jobs.common import execute, stage_cli
 
 STAGE = "train"
 FAIL_ENV = "RANK1_TRAIN_FAIL_AT_STEP"
-RAY_RUN_NAME = "ray_train"
 
 
 def stage_name(mode: str) -> str:
@@ -61,11 +60,15 @@ def train_worker(loop_config: dict) -> None:
     from rank1_core.config import config_from_dict
     from rank1_core.models import load_tokenizer
     from rank1_core.rundir import resolve_filesystem
+    from ray_jobs.progress import Progress
     from rank1_core.train import (STATE_FILE, TrainState, build_model, deepspeed_config, load_checkpoint,
                                   load_docs, make_engine, save_checkpoint, settings, total_steps, train_loop)
 
     cfg = config_from_dict(loop_config["config"])
     tc, mode = cfg.train, loop_config["mode"]
+    from ray_jobs.common import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if tc.gpus_per_worker:
@@ -79,7 +82,8 @@ def train_worker(loop_config: dict) -> None:
     st = settings(tc, mode)
     zero3 = deepspeed_config(tc, st.strategy, world) if st.strategy == "deepspeed_zero3" else None
     model = build_model(loop_config["model_dir"], tc, mode, loop_config["num_layers"], cfg.run.seed, zero3)
-    engine = make_engine(model, tc, st, total_steps(train_docs, tc, st, cfg.run.seed, world), rank, world, device)
+    limit = total_steps(train_docs, tc, st, cfg.run.seed, world)
+    engine = make_engine(model, tc, st, limit, rank, world, device)
 
     state = None
     ckpt = ray.train.get_checkpoint()
@@ -98,8 +102,16 @@ def train_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[{stage_name(mode)}] resumed from the checkpoint of step {state.step}", flush=True)
 
+    # Rank 0 feeds the dashboard's metrics (the bar is train_loop's tqdm_ray).
+    progress = Progress(stage_name(mode), main="steps", unit="step", bar=False) if rank == 0 else None
+
     def report(metrics: dict, state: TrainState, save: bool) -> None:
         m = {k: v for k, v in metrics.items() if v == v}  # drop NaNs
+        if progress is not None and m.get("step"):
+            progress.update(1, tokens=m.get("tokens", 0))
+            progress.set(**{k: m[k] for k in ("loss", "lr", "heldout_loss") if k in m})
+            if limit:
+                progress.set(progress=state.step / limit)
         if not save:
             ray.train.report(m)
             return
@@ -114,6 +126,8 @@ def train_worker(loop_config: dict) -> None:
 
     state = train_loop(engine, train_docs, held, tc, st, cfg.run.seed, tok.pad_token_id, state, report=report,
                        on_step_end=_fail_hook(loop_config.get("fail_at"), rank), progress=tqdm)
+    if progress is not None:
+        progress.close()
     with tempfile.TemporaryDirectory() as tmp:
         engine.export(Path(tmp) / "export", tokenizer=tok)
         if rank == 0:
@@ -144,31 +158,19 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
 
     def body(sr):
         import pyarrow.parquet as pq
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
 
         from rank1_core.rundir import RunDir
         from rank1_core.train import STATE_FILE, TrainError, TrainState, metrics_table
-        from ray_jobs.common import ensure_ray
+        from ray_jobs.common import ensure_ray, torch_trainer
 
         ensure_ray(cfg)
         stage = sr.stage
         tokens = RunDir(cfg.run.dir).stage("prepare").uri_of("tokens")
         loop_config = {"config": cfg.to_dict(), "mode": mode, "model_dir": str(model_dir),
                        "num_layers": num_layers, "tokens": tokens, "fail_at": os.environ.get(FAIL_ENV)}
-        resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if tc.gpus_per_worker else "gloo"),
-            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                name=RAY_RUN_NAME, storage_path=stage.path("checkpoints"), storage_filesystem=stage.fs,
-                failure_config=FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            ),
-        )
+        trainer = torch_trainer(train_worker, loop_config, stage, num_workers=tc.num_workers,
+                                cpus_per_worker=tc.cpus_per_worker, gpus_per_worker=tc.gpus_per_worker,
+                                max_failures=tc.max_failures, keep_checkpoints=tc.keep_checkpoints)
         with sr.timed("fit"):
             result = trainer.fit()
         if result.checkpoint is None:

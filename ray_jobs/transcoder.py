@@ -40,7 +40,6 @@ from rank1_core.config import Config, ConfigError, TranscoderConfig
 from ray_jobs.common import execute, stage_cli
 
 STAGE = "transcoder"
-RAY_RUN_NAME = "ray_train"
 
 
 def hash_view(cfg: Config, keep: tuple[str, ...] = ()) -> Config:
@@ -119,6 +118,9 @@ def transcoder_worker(lc: dict) -> None:
 
     cfg = config_from_dict(lc["config"])
     tc = cfg.transcoder
+    from ray_jobs.common import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if tc.gpus_per_worker:
@@ -200,29 +202,18 @@ def run(cfg: Config, force: bool = False) -> dict:
 
     def body(sr):
         import pyarrow.parquet as pq
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
 
         from rank1_core.rundir import RunDir
         from rank1_core.transcoder import STATE_FILE, TrainState, TranscoderError, metrics_table
-        from ray_jobs.common import ensure_ray
+        from ray_jobs.common import ensure_ray, torch_trainer
 
         ensure_ray(cfg)
         stage = sr.stage
         tokens = RunDir(cfg.run.dir).stage("prepare").uri_of("tokens")
         lc = {"config": cfg.to_dict(), "base_dir": base_dir, "target_dir": target_dir, "tokens": tokens}
-        resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.gpus_per_worker else {})}
-        trainer = TorchTrainer(
-            transcoder_worker, train_loop_config=lc,
-            torch_config=TorchConfig(backend="nccl" if tc.gpus_per_worker else "gloo"),
-            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                name=RAY_RUN_NAME, storage_path=stage.path("checkpoints"), storage_filesystem=stage.fs,
-                failure_config=FailureConfig(max_failures=tc.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            ),
-        )
+        trainer = torch_trainer(transcoder_worker, lc, stage, num_workers=tc.num_workers,
+                                cpus_per_worker=tc.cpus_per_worker, gpus_per_worker=tc.gpus_per_worker,
+                                max_failures=tc.max_failures, keep_checkpoints=tc.keep_checkpoints)
         with sr.timed("fit"):
             result = trainer.fit()
         if result.checkpoint is None:
