@@ -5,7 +5,7 @@
   var data = JSON.parse(document.getElementById("index-data").textContent);
   var cols = data.columns;
   var CLASS = { 0: "clear", 1: "broad", 2: "polysemantic" };
-  var SRC = { adapter: "LoRA component", neuron: "MLP neuron", sae: "SAE feature" };
+  var SRC = { adapter: "LoRA component", neuron: "MLP neuron", sae: "SAE feature", transcoder: "transcoder feature" };
   var HREF_OK = /^features\/[A-Za-z0-9_.\/-]+\.html$/;
   var $ = function (id) { return document.getElementById(id); };
   var tbody = $("rows");
