@@ -870,6 +870,9 @@ class AutointerpConfig:
     """Feature sources to interpret: adapter components, baseline MLP neurons, SAE features."""
     signs: list[str] = field(default_factory=lambda: ["pos"])
     """Activation signs explained, each its own row ('neg': the most negative contexts)."""
+    negative_fallback: bool = True
+    """With signs [pos]: a feature that never activates positively (no positive contexts) has
+    its negative side explained instead (sign 'neg'), so every component gets an explanation."""
     max_features: dict = field(default_factory=dict)
     """Cap per source, e.g. {neuron: 64} (missing or 0: all); the cap keeps the features with
     the largest max activation (topk/stats.parquet)."""

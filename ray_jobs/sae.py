@@ -88,8 +88,10 @@ def sae_worker(lc: dict) -> None:
                                            shuffle_buffer=cfg.shuffle_buffer, seed=(lc["seed"], epoch, rank),
                                            drop_last=True)
 
-    # Rank 0: a bar (Ray's tqdm_ray, drawn by the driver) and the dashboard's metrics.
-    progress = Progress("sae", total=tr_total, main="steps", unit="step") if rank == 0 else None
+    # Rank 0 feeds the dashboard's metrics. No terminal bar: a tqdm_ray bar closed here was
+    # redrawn by the driver for the rest of the pipeline (seen in the demo, Ray 2.60); the
+    # stage prints its summary line at the end instead.
+    progress = Progress("sae", total=tr_total, main="steps", unit="step", bar=False) if rank == 0 else None
     last_tokens = [trainer.tokens]
 
     def on_step(tr: SAETrainer, m: dict) -> None:

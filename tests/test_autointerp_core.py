@@ -402,3 +402,22 @@ def test_select_features_takes_the_first_neurons_of_every_layer_and_caps():
         select_features(bad, a, {("neuron", "neuron7", "pos")})
     with pytest.raises(ConfigError, match="neurons_per_layer"):
         AutointerpConfig(neurons_per_layer=-1)
+
+
+def test_a_feature_that_is_never_positive_has_its_negative_side_explained():
+    import pyarrow as pa
+
+    from rank1_core.autointerp.pipeline import select_features
+    from rank1_core.config import AutointerpConfig
+
+    stats = pa.table({"source": ["adapter"] * 3, "feature": ["L00_q_proj", "L00_k_proj", "L00_v_proj"],
+                      "max": [2.0, -0.1, 1.0], "min": [-1.0, -3.0, -0.5]})
+    avail = {("adapter", "L00_q_proj", "pos"), ("adapter", "L00_q_proj", "neg"), ("adapter", "L00_k_proj", "neg"),
+             ("adapter", "L00_v_proj", "pos")}
+    got = select_features(stats, AutointerpConfig(), avail)
+    assert sorted(got) == [("adapter", "L00_k_proj", "neg"), ("adapter", "L00_q_proj", "pos"),
+                           ("adapter", "L00_v_proj", "pos")]
+    assert ("adapter", "L00_k_proj", "neg") not in select_features(stats, AutointerpConfig(negative_fallback=False), avail)
+    both = select_features(stats, AutointerpConfig(signs=["pos", "neg"]), avail)
+    assert sorted(both) == sorted([("adapter", "L00_q_proj", "pos"), ("adapter", "L00_v_proj", "pos"),
+                                   ("adapter", "L00_q_proj", "neg"), ("adapter", "L00_k_proj", "neg")])

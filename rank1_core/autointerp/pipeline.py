@@ -182,6 +182,11 @@ def _read(stage: StageDir, name: str, columns: tuple[str, ...], filters=None) ->
     return pq.read_table(path, filesystem=stage.fs, columns=list(columns), filters=filters)
 
 
+def _signs_read(a: AutointerpConfig) -> list[str]:
+    """Context signs to read: the configured ones, plus 'neg' for the negative fallback."""
+    return sorted(set(a.signs) | ({"neg"} if a.negative_fallback and "pos" in a.signs else set()))
+
+
 def neuron_index(name: str) -> int:
     """The neuron's index inside its MLP, from its name 'N<layer>_<index>' (e.g. N03_0012 -> 12)."""
     m = re.fullmatch(r"N\d+_(\d+)", name)
@@ -198,9 +203,15 @@ def select_features(stats: pa.Table, a: AutointerpConfig, available: set[tuple[s
     if a.neurons_per_layer:
         rows = [r for r in rows if r["source"] != "neuron" or neuron_index(r["feature"]) < a.neurons_per_layer]
     out = []
+    fallback = a.negative_fallback and "pos" in a.signs and "neg" not in a.signs
     for source in a.sources:
         for sign in a.signs:
             cand = [r for r in rows if r["source"] == source and (source, r["feature"], sign) in available]
+            if fallback and sign == "pos":
+                # Never positive: explain the side it has (marked by its sign 'neg').
+                neg_only = [r for r in rows if r["source"] == source and (source, r["feature"], "pos") not in available
+                            and (source, r["feature"], "neg") in available]
+                out.extend((source, r["feature"], "neg") for r in sorted(neg_only, key=lambda r: r["feature"]))
             key = (lambda r: -(r["max"] or 0.0)) if sign == "pos" else (lambda r: (r["min"] or 0.0))
             cand.sort(key=lambda r: (key(r), r["feature"]))
             cap = a.max_features.get(source, 0)
@@ -215,7 +226,7 @@ def load_features(topk: StageDir, a: AutointerpConfig) -> tuple[list[P.FeatureEx
     stats = _read(topk, "stats.parquet", STATS_COLUMNS, filters=[("source", "in", list(a.sources))])
     max_rank = a.explain_contexts + a.score_positives
     ctx = _read(topk, "contexts.parquet", CONTEXT_COLUMNS,
-                filters=[("source", "in", list(a.sources)), ("sign", "in", list(a.signs)), ("rank", "<=", max_rank)])
+                filters=[("source", "in", list(a.sources)), ("sign", "in", _signs_read(a)), ("rank", "<=", max_rank)])
     keys = set(zip(ctx.column("source").to_pylist(), ctx.column("feature").to_pylist(), ctx.column("sign").to_pylist()))
     chosen = select_features(stats, a, keys)
     wanted = set(chosen)
@@ -231,7 +242,8 @@ def load_features(topk: StageDir, a: AutointerpConfig) -> tuple[list[P.FeatureEx
         k = (r["source"], r["feature"], r["sign"])
         if k in wanted:
             by_key[k].contexts.append(c)
-        pools.setdefault(r["source"], []).append((r["feature"], c))
+        if r["sign"] in a.signs:  # negatives for scoring: contexts of the configured signs only
+            pools.setdefault(r["source"], []).append((r["feature"], c))
     for fx in by_key.values():
         fx.contexts.sort(key=lambda c: c.rank)
     counts = {"features_available": len({(s, f) for s, f, _ in keys}), "features_selected": len(chosen)}
