@@ -38,6 +38,10 @@ class LocalHead:
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file),
                         TOKENIZERS_PARALLELISM="false")
         self.env.pop("RAY_ADDRESS", None)
+        # As a user with the venv activated: the job's `python` is this interpreter (jobs
+        # inherit the head's environment), not whatever python comes first on PATH.
+        bindir = str(Path(sys.executable).parent)
+        self.env["PATH"] = bindir + os.pathsep + self.env.get("PATH", "")
 
     @property
     def dashboard(self) -> str:
@@ -51,6 +55,13 @@ class LocalHead:
         cmd = [self.ray_cli(), "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={self.client_port}",
                f"--min-worker-port={base}", f"--max-worker-port={base + 999}", f"--num-cpus={self.num_cpus}",
+               # Every other listening port private too: with the defaults (agent 52365, ...) a
+               # head started while another Ray instance runs on the machine (a test session's
+               # ray.init) has a job agent that cannot bind, and jobs are refused for good
+               # ("No available agent to submit job").
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
