@@ -22,10 +22,14 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
         r = subprocess.run(
             [head.ray_cli(), "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
              "python", "-m", "ray_jobs.pipeline", "--config", "configs/tiny.yaml", "--run", str(run),
-             # the Ray-using stages: Ray Train, Ray Data actors, DuckDB
-             "stages=[prepare,train,extract,topk]"],
+             # the Ray-using stages (Ray Train, Ray Data actors, DuckDB) and the report
+             "stages=[prepare,train,extract,topk,report]"],
             env=head.env, capture_output=True, text=True, timeout=1500, cwd=REPO)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr)
-    for stage in ("prepare", "train", "extract", "topk"):
+    for stage in ("prepare", "train", "extract", "topk", "report"):
         assert (run / stage / "_SUCCESS").exists(), stage
+    # the report of what ran: adapter components with pages, the rest listed as not rendered
+    index = (run / "report" / "index.html").read_text()
+    assert "Not rendered" in index and "features.html" in index
+    assert any((run / "report" / "features" / "adapter").glob("*.html"))
