@@ -167,6 +167,31 @@ def rank_source(con, source: Source, cfg: TopkConfig, log: Callable[[str], None]
             log(f"[topk] {source.name}: {i + 1}/{len(passes)} passes, {dt:.1f}s")
 
 
+CONTEXT_CHUNK_HITS = 100_000
+"""Hits per pass of the contexts query (each hit becomes window_before + window_after + 1 rows)."""
+
+
+def _sql_str(v: str) -> str:
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def _feature_ranges(con, per_chunk: int) -> list[tuple[str, str]]:
+    """Consecutive (first, last) feature names of acc_hits, in sort order, each range holding
+    about `per_chunk` hits (a feature is never split)."""
+    rows = con.execute("SELECT feature, count(*) FROM acc_hits GROUP BY feature ORDER BY feature").fetchall()
+    out, start, n = [], None, 0
+    for feature, c in rows:
+        if start is None:
+            start = feature
+        n += c
+        if n >= per_chunk:
+            out.append((start, feature))
+            start, n = None, 0
+    if start is not None:
+        out.append((start, rows[-1][0]))
+    return out
+
+
 def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool = False, transcoder_done: bool = False,
              log: Callable[[str], None] = print) -> TopkResult:
     """Rank every available source; write `contexts.parquet` and `stats.parquet` into `stage`."""
@@ -203,13 +228,20 @@ def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool
                 rank_source(con, src, cfg, log)
                 res.timings[f"{src.name}_rank"] = round(time.perf_counter() - t0, 3)
                 t1 = time.perf_counter()
-                con.execute("CREATE OR REPLACE TEMP VIEW hits AS SELECT * FROM acc_hits")
                 con.execute("CREATE OR REPLACE TEMP VIEW doc_summary AS SELECT * FROM acc_summary")
                 n_ctx = 0
-                reader = S.run_query(con, "topk_contexts", {**params, "source": src.name}).to_arrow_reader(65536)
-                for t in _cast_batches(reader, CONTEXTS_SCHEMA):
-                    ctx_writer.write_table(t)
-                    n_ctx += t.num_rows
+                # Contexts in feature ranges of about CONTEXT_CHUNK_HITS hits each, in feature
+                # order (so the file stays sorted): the windows' ordered list aggregates do not
+                # spill, and all of a 35k-feature source at once ran DuckDB out of memory.
+                for lo, hi in _feature_ranges(con, CONTEXT_CHUNK_HITS):
+                    con.execute(f"CREATE OR REPLACE TEMP VIEW hits AS SELECT * FROM acc_hits "
+                                f"WHERE feature >= {_sql_str(lo)} AND feature <= {_sql_str(hi)}")
+                    reader = S.run_query(con, "topk_contexts", {**params, "source": src.name}).to_arrow_reader(65536)
+                    for t in _cast_batches(reader, CONTEXTS_SCHEMA):
+                        ctx_writer.write_table(t)
+                        n_ctx += t.num_rows
+                    con.execute("DROP VIEW hits")
+                con.execute("CREATE OR REPLACE TEMP VIEW hits AS SELECT * FROM acc_hits")
                 n_stats = 0
                 reader = S.run_query(con, "feature_stats", {"source": src.name}).to_arrow_reader(65536)
                 for t in _cast_batches(reader, STATS_SCHEMA):

@@ -59,6 +59,35 @@ def test_pass_width_does_not_change_results(tmp_path, monkeypatch):
     assert out[1][1].equals(out[10**9][1])
 
 
+def test_contexts_written_in_feature_ranges_equal_one_pass(tmp_path, monkeypatch):
+    """Contexts are built a few features at a time (bounded memory); the file is the same,
+    in the same order, as in one pass."""
+    run = finished_run(tmp_path)
+    out = {}
+    for chunk in (1, 10**9):  # a range per feature, and everything at once
+        monkeypatch.setattr(T, "CONTEXT_CHUNK_HITS", chunk)
+        st = run.stage(f"topk{chunk}")
+        st.fs.create_dir(st.root, recursive=True)
+        T.run_topk(run, st, CFG, sae_done=True, log=lambda m: None)
+        out[chunk] = pq.read_table(st.path("contexts.parquet"))
+    assert out[1].equals(out[10**9]) and out[1].num_rows == 10
+    keys = list(zip(out[1].column("source").to_pylist(), out[1].column("feature").to_pylist(),
+                    out[1].column("sign").to_pylist(), out[1].column("rank").to_pylist()))
+    assert keys == sorted(keys, key=lambda k: (["adapter", "sae"].index(k[0]), k[1], k[2], k[3]))
+
+
+def test_feature_ranges_never_split_a_feature():
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE acc_hits AS SELECT * FROM (VALUES ('a', 1), ('a', 2), ('b', 1), ('c', 1), ('c', 2), "
+                "('c', 3), ('d', 1)) t(feature, rank)")
+    assert T._feature_ranges(con, 3) == [("a", "b"), ("c", "c"), ("d", "d")]
+    assert T._feature_ranges(con, 100) == [("a", "d")]
+    assert T._feature_ranges(con, 1) == [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]
+    assert T._sql_str("it's") == "'it''s'"
+
+
 def test_sources_must_exist_when_listed(tmp_path):
     run = finished_run(tmp_path, sae=False)
     st = run.stage("topk")
