@@ -19,10 +19,19 @@ from pathlib import Path
 import psutil
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process (Ray refuses a port
+    number used by two of its components)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 class LocalHead:
@@ -51,7 +60,9 @@ class LocalHead:
         return str(Path(sys.executable).parent / "ray")
 
     def start(self) -> "LocalHead":
-        base = 30000 + (self.gcs_port % 20) * 1000
+        # Worker ports below the kernel's ephemeral range (32768-60999 here), where the
+        # free_port() picks of the other components live, so they never collide.
+        base = 20000 + (self.gcs_port % 12) * 1000
         cmd = [self.ray_cli(), "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={self.client_port}",
                f"--min-worker-port={base}", f"--max-worker-port={base + 999}", f"--num-cpus={self.num_cpus}",
