@@ -255,11 +255,8 @@ def test_extract_node_crash_leaves_every_token_exactly_once(cluster, tiny_cfg, t
 
 @pytest.mark.timeout(300)
 def test_train_node_crash_resumes_from_the_last_checkpoint(cluster, tiny_cfg, prepared_run, copy_run, tmp_path):
-    import torch
-
     from ray_jobs import train
-    from test_train import _lora_weights, _run
-    from test_train_ray import lora_tensors
+    from test_train_ray import assert_same_adapter_as_uninterrupted
 
     run_dir = copy_run(prepared_run)
     overrides = ("train.epochs=4", "train.max_steps=8", "train.checkpoint_every=2")
@@ -284,12 +281,7 @@ def test_train_node_crash_resumes_from_the_last_checkpoint(cluster, tiny_cfg, pr
     assert [r["step"] for r in metrics] == list(range(steps + 1))
 
     # The same weights as a run that never failed (the loop run in this process).
-    engine, _ = _run(tiny_cfg(*overrides, run_dir=tmp_path / "ref"), prepared_run)
-    ref = {k.replace(".default", ""): v for k, v in _lora_weights(engine).items()}
-    got = lora_tensors(run_dir / "train" / "adapter")
-    assert len(got) == len(ref) == 28
-    for k, v in got.items():
-        assert torch.allclose(v, ref[k], rtol=0, atol=1e-6), k
+    assert_same_adapter_as_uninterrupted(tiny_cfg, overrides, prepared_run, run_dir, tmp_path / "ref")
 
 
 # --------------------------------------------------------------------------- 3. autointerp

@@ -37,6 +37,21 @@ def lora_tensors(adapter_dir):
 
 
 @pytest.mark.slow
+def assert_same_adapter_as_uninterrupted(tiny_cfg, overrides, prepared_run, run_dir, ref_dir):
+    """The adapter a (resumed) stage saved equals the weights of the same training loop run
+    in this process without interruption."""
+    import torch
+
+    from test_train import _lora_weights, _run
+
+    engine, _ = _run(tiny_cfg(*overrides, run_dir=ref_dir), prepared_run)
+    ref = {k.replace(".default", ""): v for k, v in _lora_weights(engine).items()}
+    got = lora_tensors(run_dir / "train" / "adapter")
+    assert len(got) == len(ref) == 28
+    for k, v in got.items():
+        assert torch.allclose(v, ref[k], rtol=0, atol=1e-6), k
+
+
 def test_lora_on_two_ddp_workers_and_a_rerun_does_nothing(tiny_cfg, prepared_run, copy_run, ray_session):
     import pyarrow.parquet as pq
 
@@ -73,10 +88,8 @@ def test_lora_on_two_ddp_workers_and_a_rerun_does_nothing(tiny_cfg, prepared_run
 def test_a_killed_worker_resumes_from_its_last_checkpoint(tiny_cfg, prepared_run, copy_run, ray_session,
                                                           monkeypatch, tmp_path):
     import pyarrow.parquet as pq
-    import torch
 
     from ray_jobs import train
-    from test_train import _lora_weights, _run
 
     run_dir = copy_run(prepared_run)
     marker = tmp_path / "killed"
@@ -90,12 +103,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tiny_cfg, prepared_run
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
 
     # Same weights as a run that never failed (the loop run in this process).
-    engine, _ = _run(tiny_cfg(*overrides, run_dir=tmp_path / "ref"), prepared_run)
-    ref = {k.replace(".default", ""): v for k, v in _lora_weights(engine).items()}
-    got = lora_tensors(run_dir / "train" / "adapter")
-    assert len(got) == len(ref) == 28
-    for k, v in got.items():
-        assert torch.allclose(v, ref[k], rtol=0, atol=1e-6), k
+    assert_same_adapter_as_uninterrupted(tiny_cfg, overrides, prepared_run, run_dir, tmp_path / "ref")
 
 
 @pytest.mark.slow
