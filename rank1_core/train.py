@@ -18,6 +18,8 @@ workers, the tests and the benchmark call them directly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import json
 import math
@@ -53,6 +55,14 @@ class Settings:
     lr: float
     epochs: int
     strategy: str
+
+
+def for_mode(cfg: TrainConfig, mode: str) -> TrainConfig:
+    """The train section as the stage of `mode` runs it: `train.full.precision`, when set,
+    replaces `train.precision` for the full fine-tune."""
+    if mode == "full" and cfg.full.precision is not None and cfg.full.precision != cfg.precision:
+        return dataclasses.replace(cfg, precision=cfg.full.precision)
+    return cfg
 
 
 def settings(cfg: TrainConfig, mode: str) -> Settings:

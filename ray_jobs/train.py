@@ -62,10 +62,12 @@ def train_worker(loop_config: dict) -> None:
     from rank1_core.rundir import resolve_filesystem
     from ray_jobs.progress import Progress
     from rank1_core.train import (STATE_FILE, TrainState, build_model, deepspeed_config, load_checkpoint,
-                                  load_docs, make_engine, save_checkpoint, settings, total_steps, train_loop)
+                                  for_mode, load_docs, make_engine, save_checkpoint, settings, total_steps,
+                                  train_loop)
 
     cfg = config_from_dict(loop_config["config"])
-    tc, mode = cfg.train, loop_config["mode"]
+    mode = loop_config["mode"]
+    tc = for_mode(cfg.train, mode)
     from ray_jobs.common import quiet_train_worker
 
     quiet_train_worker()
@@ -142,10 +144,10 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
     from rank1_core.lora import check_adapter, validate_for_model
     from rank1_core.models import resolve_model_dir
     from rank1_core.config import ConfigError
-    from rank1_core.train import TrainError, deepspeed_config, settings
+    from rank1_core.train import TrainError, deepspeed_config, for_mode, settings
 
     name = stage_name(mode)
-    tc = cfg.train
+    tc = for_mode(cfg.train, mode)
     st = settings(tc, mode)
     # Everything that can be wrong with the config fails here, before Ray or any stage I/O.
     num_layers = validate_for_model(tc, cfg.model, mode)
@@ -197,7 +199,7 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
         sr.rows["steps"] = state.step
         sr.rows["tokens"] = state.tokens
         sr.extra.update({
-            "mode": mode, "strategy": st.strategy, "workers": tc.num_workers, "resumed_from": state.resumed_from,
+            "mode": mode, "strategy": st.strategy, "precision": tc.precision, "workers": tc.num_workers, "resumed_from": state.resumed_from,
             "final_loss": steps[-1]["loss"] if steps else None,
             "initial_heldout_loss": held[0] if held else None, "final_heldout_loss": held[-1] if held else None,
             "mean_tokens_per_s": (sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)

@@ -283,6 +283,26 @@ def test_context_trimming_and_max_features(tmp_path):
         assert len(c[5]) <= 4 and c[3] <= 2
 
 
+def test_max_features_keeps_explained_features_first(tmp_path):
+    """A capped report gives pages to explained features (and the transcoder's selected
+    hesitation features) before the others, each in catalogue order."""
+    from rank1_core.report.build import page_selection
+
+    sub = pd.DataFrame({"order": range(5), "key": list("abcde"),
+                        "explanation": [None, None, "x", None, None], "explanation_neg": [None, None, None, "y", None],
+                        "hesitation_selected": [None, True, None, None, None]})
+    assert page_selection(sub, 3)["key"].tolist() == ["b", "c", "d"]
+    assert page_selection(sub, 4)["key"].tolist() == ["a", "b", "c", "d"]
+    # on a run: the synthetic autointerp leaves the second adapter component (L00_k_proj) unexplained
+    run = make_synthetic_run(str(tmp_path / "run"), SyntheticSpec(), stages=("extract", "topk", "autointerp"))
+    res = build_report(run, ReportConfig(max_features=2, sources=["adapter"]), tmp_path / "out", log=lambda m: None)
+    pages = sorted(p.stem for p in (tmp_path / "out/features/adapter").glob("*.html"))
+    assert res.pages == {"adapter": 2} and len(pages) == 2
+    explained = pd.read_parquet(run.stage("autointerp").path("explanations.parquet"))
+    explained = set(explained[(explained["source"] == "adapter") & explained["explanation"].notna()]["feature"])
+    assert "L00_k_proj" not in explained and pages == ["L00_q_proj", "L00_v_proj"], pages
+
+
 # --------------------------------------------------------------------------- the stage and its CLI
 
 

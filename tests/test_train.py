@@ -104,6 +104,27 @@ def test_layer_out_of_range_is_checked_against_the_model(tiny_cfg):
     assert validate_for_model(tiny_cfg().train, cfg.model) == 2
 
 
+def test_full_precision_overrides_train_precision_for_the_full_fine_tune_only(tiny_cfg, tiny_model_dir):
+    """demo.yaml trains the adapter on a bf16 base and the full fine-tune with fp32 weights."""
+    import torch
+
+    from rank1_core.train import build_model, for_mode
+
+    cfg = tiny_cfg("train.precision=bf16", "train.full.precision=bf16_autocast")
+    assert for_mode(cfg.train, "lora").precision == "bf16"
+    assert for_mode(cfg.train, "full").precision == "bf16_autocast"
+    assert for_mode(cfg.train, "full").full == cfg.train.full and for_mode(cfg.train, "full").lr == cfg.train.lr
+    assert for_mode(tiny_cfg("train.precision=bf16").train, "full").precision == "bf16"  # unset: inherited
+    lora = build_model(tiny_model_dir, for_mode(cfg.train, "lora"), "lora", 2, 0)
+    dtypes = {n: p.dtype for n, p in lora.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    full = build_model(tiny_model_dir, for_mode(cfg.train, "full"), "full", 2, 0)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    with pytest.raises(ConfigError, match="train.full.precision"):
+        tiny_cfg("train.full.precision=fp8")
+
+
 def test_deepspeed_json_autos_are_filled_from_the_train_section():
     cfg = TrainConfig(grad_accum=3, max_grad_norm=0.5, precision="bf16")
     ds = deepspeed_config(cfg, "deepspeed_zero3", world_size=2)

@@ -103,6 +103,15 @@ def _links(files: dict) -> str:
     return '<p class="muted">' + " · ".join(f'<a href="{dash.esc(v)}">{dash.esc(k)}</a>' for k, v in files.items()) + "</p>"
 
 
+def page_selection(sub: pd.DataFrame, cap: int) -> pd.DataFrame:
+    """The `cap` features of one source that get a page: explained ones and the transcoder's
+    selected hesitation features first, then the rest, each in catalogue order (a capped
+    report never drops a feature autointerp explained in favour of one it did not)."""
+    first = sub["explanation"].notna() | sub["explanation_neg"].notna() | sub["hesitation_selected"].eq(True)
+    keep = [*sub.index[first.to_numpy()], *sub.index[~first.to_numpy()]][:cap]
+    return sub.loc[keep].sort_values("order")
+
+
 class ReportBuilder:
     def __init__(self, run: RunDir, cfg: ReportConfig, out: Path, log: Callable[[str], None] = print,
                  on_page: Optional[Callable[[int], None]] = None):
@@ -501,7 +510,7 @@ class ReportBuilder:
         for src in [s for s in SOURCES if (cat["source"] == s).any()]:
             sub = cat[cat["source"] == src]
             if cfg.max_features:
-                sub = sub.head(cfg.max_features)
+                sub = page_selection(sub, cfg.max_features)
             sample[src] = self._histograms(src, sub)
             self._pages(src, sub, sample[src])
         self._feature_index(cat)
