@@ -20,7 +20,7 @@ servers of evaluate, ablate and autointerp). Printed per stage:
   with the value before the run on the first line.
 
 A stage already done (same config hash) is skipped and printed as such; `--force` redoes
-every stage. The figures also go to `<run>/bench_demo.json`.
+every stage. The figures also go to `<run>/bench_demo-<UTC time>.json`.
 """
 
 from __future__ import annotations
@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     from rank1_core.rundir import resolve_filesystem
 
     fs, root = resolve_filesystem(cfg.run.dir)
-    with fs.open_output_stream(f"{root}/bench_demo.json") as f:
+    name = f"bench_demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    with fs.open_output_stream(f"{root}/{name}") as f:
         f.write(json.dumps(out, indent=2).encode())
-    print(f"figures: {cfg.run.dir}/bench_demo.json", flush=True)
+    print(f"figures: {cfg.run.dir}/{name}", flush=True)
     return 0
 
 
