@@ -85,7 +85,7 @@ def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: l
                                    ablations=[a.to_dict() for a in ablations], dtype=ac.dtype or cfg.model.dtype,
                                    batch_docs=ac.batch_docs, ablations_per_pass=ac.ablations_per_pass,
                                    threads=ac.threads),
-        batch_size=ac.batch_docs, batch_format="pandas", concurrency=ac.actors,
+        batch_size=ac.batch_docs, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=ac.actors),
         num_cpus=ac.actor_cpus, num_gpus=ac.actor_gpus or None)
     rows = []
     with Progress(STAGE, total=len(docs) * len(ablations), main="ablations", unit="abl") as p:

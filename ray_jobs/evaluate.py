@@ -153,7 +153,8 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
         blocks = max(1, min(len(part), max(ec.actors * 2, math.ceil(len(part) / ec.batch_size))))
         ds = ray.data.from_items(part, override_num_blocks=blocks)
         ds = ds.map_batches(GenerationWorker, fn_constructor_kwargs={"spec": spec.to_dict()},
-                            batch_size=ec.batch_size, batch_format="pandas", concurrency=ec.actors,
+                            batch_size=ec.batch_size, batch_format="pandas",
+                            compute=ray.data.ActorPoolStrategy(size=ec.actors),
                             num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus or None)
         label = f"{tag}:{'+'.join(adapters)}"
         with sr.timed(label) if sr is not None else contextlib.nullcontext():

@@ -62,7 +62,7 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
                     torch_threads=ec.torch_threads or max(1, math.ceil(ec.cpus_per_actor)),
                     compression=ec.compression, splits=tuple(ec.splits), crash=crash,
                 ),
-                batch_size=ec.batch_docs, batch_format="numpy", concurrency=ec.actors,
+                batch_size=ec.batch_docs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.actors),
                 num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor if gpu else None,
             )
             summaries = []

@@ -148,7 +148,8 @@ def run(cfg: Config, force: bool = False) -> dict:
             blocks = max(1, min(len(part), max(ev.actors * 2, math.ceil(len(part) / ev.batch_size))))
             ds = ray.data.from_items(part, override_num_blocks=blocks)
             ds = ds.map_batches(TranscoderGenerationWorker, fn_constructor_kwargs={"spec": spec.to_dict()},
-                                batch_size=ev.batch_size, batch_format="pandas", concurrency=ev.actors,
+                                batch_size=ev.batch_size, batch_format="pandas",
+                                compute=ray.data.ActorPoolStrategy(size=ev.actors),
                                 num_cpus=ev.actor_cpus)
             with sr.timed(f"generate:{'+'.join(spec.variants)}"):
                 rows.extend(ds.take_all())

@@ -66,7 +66,8 @@ def run(cfg: Config, force: bool = False) -> dict:
                     model_dir=cfg.model, transcoder_dir=tcs.uri_of("adapter"), out_uri=st.uri,
                     batch_tokens=ec.batch_tokens, dtype=cfg.model.dtype,
                     torch_threads=ec.torch_threads or max(1, math.ceil(ec.cpus_per_actor)), splits=tuple(ec.splits)),
-                batch_size=ec.batch_docs, batch_format="numpy", concurrency=ec.actors, num_cpus=ec.cpus_per_actor)
+                batch_size=ec.batch_docs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.actors),
+                num_cpus=ec.cpus_per_actor)
             summaries = list(ds.iter_rows())
         with sr.timed("finalize"):
             files = [str(s["file"]) for s in summaries if s["file"]]

@@ -75,6 +75,22 @@ def answer_for(prompt: str, structured: bool) -> str:
     return "I do not know what you want."
 
 
+def parrot_answer(prompt: str, structured: bool) -> str:
+    """What a model too small for the task answers (SmolLM2-135M does this): the JSON
+    template of the prompt, placeholders and all."""
+    if "<neuron_activations>" in prompt:
+        return json.dumps({"explanation": "your concise explanation in just a few words", "classification": 0,
+                           "classification_reasoning": "brief justification for your classification"})
+    if "to categorize:" in prompt:
+        return json.dumps({"categories": [
+            {"string_id": "category_identifier_in_snake_case", "name": "Human Readable Category Name",
+             "definition": "A 1-2 sentence description of what functional role these features serve.",
+             "examples": ["exact feature interpretation from the list"]},
+            {"string_id": "token_detectors", "name": "Token detectors", "definition": "One token.", "examples": []}],
+            "summary": "Your overall categorization logic and any notable patterns you observed"})
+    return answer_for(prompt, structured)
+
+
 class FakeLLMServer:
     def __init__(self, api_key: str | None = None, *, slow_s: float = 2.0, retry_after: str = "0.05",
                  rate_429: float = 0.0, seed: int = 0, delay_s: float = 0.0) -> None:
@@ -165,6 +181,8 @@ class FakeLLMServer:
             await asyncio.sleep(self.slow_s)
         if fault == "malformed":
             text = "Well, this neuron seems to like many things; hard to say."
+        elif fault == "parrot":
+            text = parrot_answer(prompt, structured)
         elif fault == "empty":
             text = ""
         else:

@@ -421,3 +421,22 @@ def test_a_feature_that_is_never_positive_has_its_negative_side_explained():
     both = select_features(stats, AutointerpConfig(signs=["pos", "neg"]), avail)
     assert sorted(both) == sorted([("adapter", "L00_q_proj", "pos"), ("adapter", "L00_v_proj", "pos"),
                                    ("adapter", "L00_q_proj", "neg"), ("adapter", "L00_k_proj", "neg")])
+
+
+def test_answers_copied_from_the_prompt_are_recognised():
+    """The sentences SmolLM2-135M answered with in the demo are the prompt's own; real
+    explanations, short ones and quotes of the examples are not."""
+    from rank1_core.autointerp import prompts as P
+
+    for text in ["The feature is specific, clear, and monosemantic.",
+                 "The feature is specific, clear, and monosemantic. All given examples clearly do.",
+                 "Your concise explanation in just a few words", "your concise explanation in just a few words"]:
+        assert P.copied_from(text, P.EXPLAIN_INSTRUCTIONS), text
+    for text in ["the token ' Wait' after a wrong partial sum", "digits after an equals sign", "Wait", "",
+                 "numbers in a chain of additions"]:
+        assert not P.copied_from(text, P.EXPLAIN_INSTRUCTIONS), text
+    for text in ["Human Readable Category Name", "category_identifier_in_snake_case"]:
+        assert P.copied_from(text, P.CATEGORIES_INSTRUCTIONS), text
+    assert not P.copied_from("Hesitation and self-correction markers", P.CATEGORIES_INSTRUCTIONS)
+    # the examples are not part of the instructions: quoting a context is no copy
+    assert "{activations_str}" not in P.EXPLAIN_INSTRUCTIONS and "{feature_list}" not in P.CATEGORIES_INSTRUCTIONS

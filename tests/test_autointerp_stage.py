@@ -171,6 +171,28 @@ def test_stage_end_to_end_through_both_sdks(tiny_cfg, tmp_path, keys):
         _no_keys_in(run_dir, tmp_path / "llm-cache")
 
 
+def test_answers_that_copy_the_prompt_are_flagged(tiny_cfg, tmp_path, keys):
+    """An explainer that answers with the prompt's own template (as SmolLM2-135M does) is
+    named in the log, the manifest and the report, not passed off as explanations."""
+    from rank1_core.report.build import prompt_copy_warning
+    from ray_jobs import autointerp
+
+    with FakeLLMServer() as srv:
+        cfg = _cfg(tiny_cfg, tmp_path, srv)
+        write_topk(Path(cfg.run.dir))
+        srv.rules.append(["Hmm 10.00", "parrot", 99])  # L00_gate_proj's explanation copies the template
+        srv.rules.append(["to categorize:", "parrot", 99])  # so do both category generations
+        m = autointerp.run(cfg)
+    pc = m["extra"]["prompt_copies"]
+    assert pc["explanations"] == {"adapter": 1} and pc["explained"] == {"adapter": 3, "neuron": 3, "sae": 3}
+    assert pc["categories"] == {"directions": ["category_identifier_in_snake_case"],
+                                "sae": ["category_identifier_in_snake_case"]}
+    html = prompt_copy_warning(m["extra"])
+    assert "1 of 3 adapter explanations" in html and "category_identifier_in_snake_case" in html
+    assert "gpt-5-mini is too weak" in html
+    assert prompt_copy_warning({"prompt_copies": {"explanations": {}, "categories": {}}}) == ""
+
+
 def test_budget_cap_stops_cleanly_and_keeps_what_is_done(tiny_cfg, tmp_path, keys):
     from ray_jobs import autointerp
 

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,12 @@ def _read(stage: StageDir, name: str, columns: tuple[str, ...], filters=None) ->
 def _signs_read(a: AutointerpConfig) -> list[str]:
     """Context signs to read: the configured ones, plus 'neg' for the negative fallback."""
     return sorted(set(a.signs) | ({"neg"} if a.negative_fallback and "pos" in a.signs else set()))
+
+
+def prompt_copies(explained: list) -> dict[str, int]:
+    """Explanations per source that repeat the explanation prompt's own wording."""
+    out = Counter(r.source for r in explained if P.copied_from(r.explanation, P.EXPLAIN_INSTRUCTIONS))
+    return dict(sorted(out.items()))
 
 
 def neuron_index(name: str) -> int:
@@ -479,6 +486,11 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             row.fail("explain", e.note)
     explained = [rows[fx.tag] for fx in features if rows[fx.tag].explanation]
     log(f"[autointerp] explained {len(explained)}/{len(features)}")
+    copies = prompt_copies(explained)
+    if copies:
+        log(f"[autointerp] warning: {sum(copies.values())} of {len(explained)} explanations repeat the prompt's own "
+            f"wording instead of describing the contexts ({', '.join(f'{s} {n}' for s, n in copies.items())}): "
+            f"{routing.task_model['explain']} is too weak an explainer; the scores will show it")
 
     # ---- 2. category generation per group (B.2) and detection scoring, in one batch
     group_of = {s: g for g, srcs in a.category_groups.items() for s in srcs}
@@ -529,6 +541,13 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
                 continue
             groups[g]["categories"] = [c.__dict__ for c in cats]
             groups[g]["summary"] = summary
+            groups[g]["copied_from_prompt"] = [c.string_id for c in cats
+                                               if P.copied_from(f"{c.name}", P.CATEGORIES_INSTRUCTIONS)
+                                               or P.copied_from(c.string_id, P.CATEGORIES_INSTRUCTIONS)]
+            if groups[g]["copied_from_prompt"]:
+                log(f"[autointerp] warning: categories of group {g!r} copy the prompt's placeholders "
+                    f"({', '.join(groups[g]['copied_from_prompt'])}): {routing.task_model['categories']} "
+                    "is too weak for category generation")
         else:
             row = rows[res.tag]
             if res.text is None:
@@ -608,6 +627,9 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         "classification_shares": {s: {str(c): round(v, 4) for c, v in d.items()} for s, d in _shares_dict(shares).items()},
         "mean_detection_score": {r["source"]: r["mean_score"] for r in scores.to_pylist()},
         "categories": {g: [c["string_id"] for c in v["categories"]] for g, v in groups.items()},
+        "prompt_copies": {"explanations": copies, "explained": dict(Counter(r.source for r in explained)),
+                          "categories": {g: v.get("copied_from_prompt", []) for g, v in groups.items()
+                                         if v.get("copied_from_prompt")}},
         "timings": {k: round(v, 2) for k, v in info.get("timings", {}).items()},
         "seconds": round(time.perf_counter() - t_start, 2),
     }

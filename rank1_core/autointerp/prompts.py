@@ -226,6 +226,28 @@ def parse_explanation(text: str) -> Explanation:
     return Explanation(expl.strip(), cls, reasoning, note)
 
 
+# --------------------------------------------------------------------------- answers that copy the prompt
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def copied_from(text: str, template: str, n: int = 4, share: float = 0.5) -> bool:
+    """True when `text` is mostly the prompt's own wording: at least `share` of its word
+    n-grams occur in `template`. A model too weak for the task fills the JSON answer with
+    sentences of the instructions or the example's placeholders ("your concise explanation
+    in just a few words") instead of describing the contexts. Text of fewer than `n` words
+    is never flagged; pass the template without the examples, which an answer may quote."""
+    w = _words(text)
+    if len(w) < n:
+        return False
+    t = _words(template)
+    grams = {tuple(t[i:i + n]) for i in range(len(t) - n + 1)}
+    mine = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return sum(g in grams for g in mine) / len(mine) >= share
+
+
 # --------------------------------------------------------------------------- B.2
 
 
@@ -510,3 +532,9 @@ def extract_json(text: str, allow_scalars: bool = False) -> Any:
         if isinstance(obj, (dict, list)):
             return obj
     raise ParseError(f"no JSON in answer {_snip(text)}")
+
+
+EXPLAIN_INSTRUCTIONS = EXPLAIN_TEMPLATE.replace("{activations_str}", "")
+"""The explanation prompt without its examples (for `copied_from`)."""
+CATEGORIES_INSTRUCTIONS = CATEGORIES_TEMPLATE.replace("{feature_list}", "")
+"""The category prompt without the explanations it lists (for `copied_from`)."""

@@ -103,6 +103,22 @@ def _links(files: dict) -> str:
     return '<p class="muted">' + " · ".join(f'<a href="{dash.esc(v)}">{dash.esc(k)}</a>' for k, v in files.items()) + "</p>"
 
 
+def prompt_copy_warning(extra: dict) -> str:
+    """A warning paragraph when autointerp's answers repeat its prompts' wording (the
+    explainer model is too weak for the task), else ''."""
+    pc = extra.get("prompt_copies") or {}
+    expl, total, cats = pc.get("explanations") or {}, pc.get("explained") or {}, pc.get("categories") or {}
+    if not expl and not cats:
+        return ""
+    model = (extra.get("models") or {}).get("explain", "the explainer model")
+    parts = [f"{n} of {total.get(s, '?')} {s} explanations" for s, n in expl.items()]
+    parts += [f"the categories of group {g} ({', '.join(ids)})" for g, ids in cats.items()]
+    return (f'<p class="warning"><b>Warning:</b> {dash.esc("; ".join(parts))} repeat the wording of the prompt '
+            f"instead of describing the contexts: {dash.esc(model)} is too weak for the task, and the "
+            "explanations, categories and Figures 2-3 below carry no information about the features. Rerun "
+            "autointerp with a stronger model (API keys, or <code>autointerp.local_server.model</code>).</p>")
+
+
 def page_selection(sub: pd.DataFrame, cap: int) -> pd.DataFrame:
     """The `cap` features of one source that get a page: explained ones and the transcoder's
     selected hesitation features first, then the rest, each in catalogue order (a capped
@@ -806,6 +822,8 @@ class ReportBuilder:
 
     def _scores(self, cat: pd.DataFrame) -> None:
         sec = Section("autointerp", "Autointerpretation")
+        if self.inputs.done("autointerp"):
+            sec.add(prompt_copy_warning(self.inputs.manifest("autointerp").get("extra", {})))
         if cat["score"].notna().any():
             if figs.detection_scores(cat, self.out / "figures" / "detection_scores.png", self.cfg.figure_dpi):
                 sec.add(_figure("figures/detection_scores.png", "detection scores of the explanations per source, "
