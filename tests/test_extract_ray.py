@@ -13,6 +13,7 @@ from rank1_core import activations as A
 from rank1_core.rundir import RunDir
 
 from test_extract import fake_train_stage, reference_lora_a
+from tests.ray_metrics import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,11 @@ def test_extract_stage(ray_session, tiny_cfg, prepared_run, copy_run, tiny_model
     assert forced["rows"]["files"] == len(names)
     assert sorted(p.name for p in st.local_path("activations").iterdir()) == names
     assert _token_pairs(run) == (n_tokens, n_tokens)
+
+    # the dashboard's metrics saw the tokens of both extractions, tagged stage="extract"
+    want = {("ray_rank1_tokens_total", "extract"): 2 * n_tokens, ("ray_rank1_docs_total", "extract"): 2 * 48}
+    got = wait_for(ray_session, want)
+    assert all(got[k] >= v for k, v in want.items()), got
 
 
 def test_extract_exactly_once_when_an_actor_dies(ray_session, tiny_cfg, prepared_run, copy_run, tiny_model_dir,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.ray_metrics import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,20 +56,6 @@ def test_metric_names_are_checked():
         metric("counter", "Tokens Processed")
 
 
-def _scrape(ray) -> str:
-    node = next(n for n in ray.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    return urllib.request.urlopen(url, timeout=10).read().decode()
-
-
-def _value(text: str, name: str, stage: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and f'stage="{stage}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 @pytest.mark.slow
 def test_metrics_under_ray(ray_session):
     ray = ray_session
@@ -99,12 +85,4 @@ def test_metrics_under_ray(ray_session):
             ("ray_rank1_features_explained_total", worker_stage): 5, ("ray_rank1_llm_calls_total", worker_stage): 5,
             ("ray_rank1_progress", worker_stage): 1.0}
     # Ray exports every ~10 s; gauges stay ~30 s after their last set, counters for good
-    deadline = time.monotonic() + 60
-    got = {}
-    while time.monotonic() < deadline:
-        text = _scrape(ray)
-        got = {k: _value(text, *k) for k in want}
-        if all(got[k] == pytest.approx(v) for k, v in want.items()):
-            break
-        time.sleep(1)
-    assert got == pytest.approx(want)
+    assert wait_for(ray, want, at_least=False) == pytest.approx(want)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rank1_core.config import ConfigError
+from tests.ray_metrics import wait_for
 
 
 def reloaded_heldout_loss(run_dir, model_dir, adapter=None, full_model=None):
@@ -82,6 +83,11 @@ def test_lora_on_two_ddp_workers_and_a_rerun_does_nothing(tiny_cfg, prepared_run
 
     again = train.run(cfg)  # done with the same config: skipped, nothing rewritten
     assert again["finished_at"] == m["finished_at"]
+
+    # rank 0 fed the dashboard's metrics: a step counter, tokens, and the latest loss
+    want = {("ray_rank1_steps_total", "train"): m["rows"]["steps"], ("ray_rank1_tokens_total", "train"): 1}
+    got = wait_for(ray_session, want)
+    assert all(got[k] >= v for k, v in want.items()), got
 
 
 @pytest.mark.slow
