@@ -268,9 +268,9 @@ class FullSection:
     """Distribution strategy for the full fine-tune. None: train.strategy. Large models need
     deepspeed_zero3 here even when the adapter trains with ddp."""
     precision: Optional[Literal["float32", "bf16_autocast", "bf16"]] = None
-    """Precision of the full fine-tune. None: train.precision. A frozen base can train the
-    rank-1 adapter in bf16 weights (1.5x faster on CPU) while the full fine-tune keeps fp32
-    weights (bf16_autocast): small Adam updates are lost when bf16 weights round them."""
+    """Precision of the full fine-tune. None: train.precision. The rank-1 adapter can train on
+    a frozen bf16 base (as a GPU run does) while the full fine-tune keeps fp32 weights
+    (bf16_autocast): bf16 weights would round its small Adam updates away."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -18,14 +18,12 @@ workers, the tests and the benchmark call them directly.
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -61,7 +59,7 @@ def for_mode(cfg: TrainConfig, mode: str) -> TrainConfig:
     """The train section as the stage of `mode` runs it: `train.full.precision`, when set,
     replaces `train.precision` for the full fine-tune."""
     if mode == "full" and cfg.full.precision is not None and cfg.full.precision != cfg.precision:
-        return dataclasses.replace(cfg, precision=cfg.full.precision)
+        return replace(cfg, precision=cfg.full.precision)
     return cfg
 
 

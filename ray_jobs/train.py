@@ -199,7 +199,8 @@ def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
         sr.rows["steps"] = state.step
         sr.rows["tokens"] = state.tokens
         sr.extra.update({
-            "mode": mode, "strategy": st.strategy, "precision": tc.precision, "workers": tc.num_workers, "resumed_from": state.resumed_from,
+            "mode": mode, "strategy": st.strategy, "precision": tc.precision, "workers": tc.num_workers,
+            "resumed_from": state.resumed_from,
             "final_loss": steps[-1]["loss"] if steps else None,
             "initial_heldout_loss": held[0] if held else None, "final_heldout_loss": held[-1] if held else None,
             "mean_tokens_per_s": (sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)

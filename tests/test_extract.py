@@ -159,6 +159,26 @@ def test_activation_identity_with_peft(tiny_model_dir, adapter_all):
             assert np.abs(vals).max() > 1e-3  # a real signal, not zeros
 
 
+def test_bf16_extraction_stores_float32_close_to_fp32(tiny_model_dir, adapter_all):
+    """demo.yaml extracts in bf16 (extract.dtype): the stored columns stay float32 and follow
+    the fp32 values to bf16 precision."""
+    ds = docs()
+    ref = A.Extractor(tiny_model_dir, str(adapter_all), mlp_neurons=4, batch_tokens=24).compute([0, 1, 2, 3], ds,
+                                                                                                 ["train"] * 4)
+    ex = A.Extractor(tiny_model_dir, str(adapter_all), mlp_neurons=4, batch_tokens=24, dtype="bfloat16")
+    out = ex.compute([0, 1, 2, 3], ds, ["train"] * 4)
+    for got, want in ((out.activations, ref.activations), (out.neurons, ref.neurons)):
+        assert got.column_names == want.column_names and got.num_rows == want.num_rows
+        for name in got.column_names[2:]:
+            if name == "token_id":
+                continue
+            assert got.schema.field(name).type == pa.float32(), name
+            g, w = np.asarray(got.column(name)), np.asarray(want.column(name))
+            scale = np.abs(w).max()
+            assert scale > 0 and np.abs(g - w).max() <= 0.05 * scale, name
+            assert not np.array_equal(g, w), name  # really computed in bf16
+
+
 def test_neurons_are_the_unadapted_model(tiny_model_dir, adapter_all):
     ex = A.Extractor(tiny_model_dir, str(adapter_all), mlp_neurons=16, batch_tokens=24)
     ds = docs(seed=3, lengths=(6, 9))

@@ -542,7 +542,7 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             groups[g]["categories"] = [c.__dict__ for c in cats]
             groups[g]["summary"] = summary
             groups[g]["copied_from_prompt"] = [c.string_id for c in cats
-                                               if P.copied_from(f"{c.name}", P.CATEGORIES_INSTRUCTIONS)
+                                               if P.copied_from(c.name, P.CATEGORIES_INSTRUCTIONS)
                                                or P.copied_from(c.string_id, P.CATEGORIES_INSTRUCTIONS)]
             if groups[g]["copied_from_prompt"]:
                 log(f"[autointerp] warning: categories of group {g!r} copy the prompt's placeholders "

@@ -22,6 +22,7 @@ else raises :class:`ParseError` with the reason, which the pipeline records on t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -242,10 +243,15 @@ def copied_from(text: str, template: str, n: int = 4, share: float = 0.5) -> boo
     w = _words(text)
     if len(w) < n:
         return False
-    t = _words(template)
-    grams = {tuple(t[i:i + n]) for i in range(len(t) - n + 1)}
+    grams = _ngrams(template, n)
     mine = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
     return sum(g in grams for g in mine) / len(mine) >= share
+
+
+@functools.lru_cache(maxsize=8)
+def _ngrams(template: str, n: int) -> frozenset:
+    t = _words(template)
+    return frozenset(tuple(t[i:i + n]) for i in range(len(t) - n + 1))
 
 
 # --------------------------------------------------------------------------- B.2
