@@ -87,14 +87,14 @@ def child(args: argparse.Namespace) -> None:
     loader_s = time.perf_counter() - t0
     marks = {}
 
-    def on_step(tr, m):
-        if tr.step == 1:
-            marks["first"] = (time.perf_counter(), tr.tokens)
-        marks["last"] = (time.perf_counter(), tr.tokens)
+    def on_step(m, state, checkpoint):
+        if state.step == 1:
+            marks["first"] = (time.perf_counter(), state.tokens)
+        marks["last"] = (time.perf_counter(), state.tokens)
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        summary = train_local(cfg, inputs, out, seed=0, on_step=on_step)
+        summary = train_local(cfg, inputs, out, seed=0, report=on_step)
         total_s = time.perf_counter() - t0
     (t1, tok1), (t2, tok2) = marks["first"], marks["last"]
     train_tps = (tok2 - tok1) / (t2 - t1) if t2 > t1 else float("nan")

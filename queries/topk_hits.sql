@@ -1,10 +1,16 @@
 -- topk_hits: the $k strongest activations of each feature for both signs, at most
 -- $max_per_doc of them from one document, with the feature's values around each hit.
 --
--- Pruning (exact): $k documents each offer their own maximum as a hit candidate, so no hit
--- lies below t_pos, the $k-th largest per-document maximum (likewise above t_neg for the
--- minimum). The feature is read a second time only for documents that reach the threshold,
--- and only values beyond it are ranked (no window function over whole documents).
+-- The hits are exactly: order the feature's values of one sign by strength (value for 'pos',
+-- -value for 'neg'; zero is neither), ties by doc_id then pos; go down that order keeping a
+-- value unless its document already gave $max_per_doc hits; stop at $k.
+--
+-- Pruning (exact): when $k or more documents have values, each of $k of them offers its own
+-- maximum as a hit candidate, so no hit lies below t_pos, the $k-th largest per-document
+-- maximum (likewise above t_neg for the minimum). With fewer than $k documents the list may
+-- never fill, so there is no threshold (t_pos -inf, t_neg +inf): every value of the sign
+-- is a candidate. The feature is read a second time only for documents that reach the
+-- threshold, and only values beyond it are ranked (no window function over whole documents).
 --
 -- views:  feature_values(feature VARCHAR, doc_id BIGINT, pos INTEGER, value FLOAT)
 --           dense, or sparse (unstored values are zero)
@@ -22,8 +28,9 @@
 WITH thresholds AS (
     SELECT
         feature,
-        list_last(max(hi, $k)) AS t_pos,   -- k-th largest per-document maximum
-        list_last(min(lo, $k)) AS t_neg    -- k-th smallest per-document minimum
+        -- k-th largest per-document maximum, k-th smallest minimum; no bound below k documents
+        CASE WHEN count(hi) >= $k THEN list_last(max(hi, $k)) ELSE '-infinity'::FLOAT END AS t_pos,
+        CASE WHEN count(lo) >= $k THEN list_last(min(lo, $k)) ELSE 'infinity'::FLOAT END AS t_neg
     FROM doc_summary
     GROUP BY feature
 ),

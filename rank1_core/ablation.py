@@ -1,9 +1,10 @@
 """Adapter ablations: KL(ablated || full adapter), teacher-forced on held-out traces (Figure 1),
 and ablated adapters written as ordinary peft adapters (Table 2).
 
-A component `L{layer:02d}_{module}` is one rank-1 LoRA matrix pair. Ablating it zeroes its
-lora_A output (the per-token scalar), which removes its whole contribution
-`lora_B(lora_A(x)) * scaling` exactly; here a forward hook on `lora_A` multiplies the scalar
+A component `L{layer:02d}_{module}` is one rank-1 LoRA matrix pair (rank r: each direction
+`L{layer:02d}_{module}_r{i}` is one row of lora_A; names in `rank1_core.lora`). Ablating it
+zeroes its lora_A output (the per-token scalar), which removes its whole contribution
+`lora_B(lora_A(x)) * scaling` exactly (rank r: that direction's share of it); here a forward hook on `lora_A` multiplies the scalar
 by a per-row 0/1 mask, so one batch carries many ablations side by side.
 
 The KL of an ablation at a position is KL(p_ablated || p_full) over the next-token
@@ -26,43 +27,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-_NAME = re.compile(r"^L(\d+)_([a-z_]+_proj)$")
-_LAYER_IN_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_SAVED_A = re.compile(r"\.layers\.(\d+)\.[A-Za-z_]+\.([a-z_]+_proj)\.lora_A(?:\.[A-Za-z_]+)?\.weight$")
-
-
-def component_name(layer: int, module: str) -> str:
-    return f"L{layer:02d}_{module}"
-
-
-def parse_component(name: str) -> tuple[int, str]:
-    m = _NAME.match(name)
-    if not m or m.group(2) not in MODULES:
-        raise ValueError(f"not a component name: {name!r} (expected L<layer>_<module>, e.g. L03_gate_proj)")
-    return int(m.group(1)), m.group(2)
-
-
-def module_kind(module: str) -> str:
-    if module in ATTN_MODULES:
-        return "attn"
-    if module in MLP_MODULES:
-        return "mlp"
-    raise ValueError(f"unknown adapted module {module!r} (known: {', '.join(MODULES)})")
-
-
-def _sort_key(name: str) -> tuple[int, int]:
-    layer, module = parse_component(name)
-    return layer, MODULES.index(module)
+from rank1_core.lora import (ATTN_MODULES, MLP_MODULES, MODULES, component_name, direction_names,  # noqa: F401
+                             lora_key, module_kind, module_of, parse_component, parse_direction, parse_module)
+from rank1_core.lora import component_sort_key as _sort_key
+from rank1_core.models import decoder as _find_decoder
+from rank1_core.rundir import atomic_dir
 
 
 # --------------------------------------------------------------------------- ablation plans
@@ -75,7 +50,7 @@ class Ablation:
     name: str
     """Component name, `layer_LL`, `<group>` or `none`."""
     kind: str
-    """'component', 'layer', 'group' or 'none'."""
+    """'component', 'module' (all r directions of a rank-r module), 'layer', 'group' or 'none'."""
     components: frozenset[str]
     layer: int | None = None
     module: str | None = None
@@ -107,13 +82,22 @@ def group_components(components: Iterable[str], modules: Iterable[str], layers: 
 
 def plan_ablations(components: Iterable[str], *, per_component: bool = True, per_layer: bool = True,
                    groups: Iterable[tuple[str, Iterable[str], Iterable[int]]] = ()) -> list[Ablation]:
-    """Every single component, every whole layer, and each (name, modules, layers) group."""
+    """Every single component, every whole layer, and each (name, modules, layers) group; for a
+    rank-r adapter (r > 1) also every module (its r directions together), named like a rank-1
+    component (`L05_q_proj`)."""
     comps = sorted(set(components), key=_sort_key)
     out: list[Ablation] = []
     if per_component:
         for c in comps:
             layer, module = parse_component(c)
             out.append(Ablation(c, "component", frozenset([c]), layer, module))
+        by_module: dict[str, list[str]] = {}
+        for c in comps:
+            if parse_direction(c)[2] is not None:
+                by_module.setdefault(module_of(c), []).append(c)
+        for name, members in by_module.items():
+            layer, module = parse_component(name)
+            out.append(Ablation(name, "module", frozenset(members), layer, module))
     if per_layer:
         for layer in sorted({parse_component(c)[0] for c in comps}):
             out.append(Ablation(f"layer_{layer:02d}", "layer",
@@ -148,23 +132,45 @@ def schedule(ablations: list[Ablation], per_pass: int) -> list[list[Ablation]]:
 
 
 def lora_components(model) -> dict[str, object]:
-    """`L{layer:02d}_{module}` -> the `lora_A` module of the active adapter, for a peft model."""
+    """Component name -> the `lora_A` module of the active adapter, for a peft model (rank r:
+    the r directions of a module all map to its lora_A; `direction_index` says which row)."""
     out: dict[str, object] = {}
     for path, mod in model.named_modules():
         lora_a = getattr(mod, "lora_A", None)
         if lora_a is None or not hasattr(lora_a, "keys"):
             continue
-        m = _LAYER_IN_PATH.search(path)
-        module = path.rsplit(".", 1)[-1]
-        if m is None or module not in MODULES:
+        lm = parse_module(path)
+        if lm is None or not path.endswith(lm[1]):
             continue
         active = [a for a in getattr(mod, "active_adapters", ["default"]) if a in lora_a]
         if not active:
             continue
-        out[component_name(int(m.group(1)), module)] = lora_a[active[0]]
+        a = lora_a[active[0]]
+        for name in direction_names(*lm, a.out_features):
+            out[name] = a
     if not out:
         raise ValueError("the model has no LoRA layers on q/k/v/o/gate/up/down_proj of its decoder layers")
     return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def direction_index(name: str) -> int:
+    """Row of lora_A (and column of lora_B) that a component is: 0 for a rank-1 name."""
+    d = parse_direction(name)[2]
+    return 0 if d is None else d
+
+
+def hooked_modules(comps: dict[str, object], names: Iterable[str]) -> list[tuple[object, list[str]]]:
+    """(lora_A module, the names of all its directions in row order) for each module some name
+    in `names` is on: one hook per module serves every direction of a rank-r module."""
+    want = set(names)
+    by_mod: dict[int, tuple[object, list[str]]] = {}
+    for name, mod in comps.items():
+        by_mod.setdefault(id(mod), (mod, []))[1].append(name)
+    out = []
+    for mod, all_names in by_mod.values():
+        if want & set(all_names):
+            out.append((mod, sorted(all_names, key=direction_index)))
+    return out
 
 
 def write_ablated_adapter(adapter_dir: str | Path, zero: Iterable[str], out_dir: str | Path) -> list[str]:
@@ -181,17 +187,23 @@ def write_ablated_adapter(adapter_dir: str | Path, zero: Iterable[str], out_dir:
     tensors = load_file(str(wfile))
     done = []
     for key, t in tensors.items():
-        m = _SAVED_A.search(key)
-        if m and component_name(int(m.group(1)), m.group(2)) in zero:
-            tensors[key] = t.new_zeros(t.shape)
-            done.append(component_name(int(m.group(1)), m.group(2)))
+        lk = lora_key(key)
+        if lk is None or lk[2] != "A":
+            continue
+        names = direction_names(lk[0], lk[1], t.shape[0])
+        rows = [i for i, n in enumerate(names) if n in zero]
+        if rows:
+            t = t.clone()
+            t[rows] = 0  # a rank-1 lora_A is one row: the whole tensor
+            tensors[key] = t
+            done.extend(names[i] for i in rows)
     missing = sorted(zero - set(done))
     if missing:
         raise ValueError(f"adapter {adapter_dir} has no component {missing[0]} to ablate")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / wfile.name), metadata={"format": "pt"})
-    shutil.copy(adapter_dir / "adapter_config.json", out_dir / "adapter_config.json")
-    (out_dir / "ablated_components.json").write_text(json.dumps(sorted(done, key=_sort_key)) + "\n")
+    with atomic_dir(out_dir) as tmp:  # the adapter folder appears whole or not at all
+        save_file(tensors, str(tmp / wfile.name), metadata={"format": "pt"})
+        shutil.copy(adapter_dir / "adapter_config.json", tmp / "adapter_config.json")
+        (tmp / "ablated_components.json").write_text(json.dumps(sorted(done, key=_sort_key)) + "\n")
     return sorted(done, key=_sort_key)
 
 
@@ -207,10 +219,9 @@ def kl_per_position(ablated_logits, ref_logp):
 
 
 def _decoder(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dec = getattr(base, "model", None)
-    if dec is None or not hasattr(dec, "layers") or not hasattr(dec, "norm"):
-        raise ValueError(f"{type(base).__name__}: expected a decoder at .model with .layers and .norm")
+    base, dec = _find_decoder(model)
+    if not hasattr(dec, "norm"):
+        raise ValueError(f"{type(base).__name__}: its decoder has no final .norm")
     return base, dec
 
 
@@ -262,18 +273,31 @@ class KLAblator:
         self.restart = restart
         self._checked = False
         self._masks: dict[str, object] = {}
-        self._hooks = [mod.register_forward_hook(self._mask_hook(name)) for name, mod in self.comps.items()]
+        self._hooks = [mod.register_forward_hook(self._mask_hook(names))
+                       for mod, names in hooked_modules(self.comps, self.comps)]
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
 
-    def _mask_hook(self, name: str):
-        def hook(module, args, output):
-            m = self._masks.get(name)
-            return output if m is None else output * m
-        return hook
+    def _mask_hook(self, names: list[str]):
+        if len(names) == 1:  # rank 1: one scalar per token
+            name = names[0]
+
+            def hook(module, args, output):
+                m = self._masks.get(name)
+                return output if m is None else output * m
+            return hook
+
+        def hook_r(module, args, output):  # rank r: one 0/1 column per direction
+            ms = [self._masks.get(n) for n in names]
+            if all(m is None for m in ms):
+                return output
+            ref = next(m for m in ms if m is not None)
+            ones = ref.new_ones(ref.shape)
+            return output * self.torch.cat([ones if m is None else m for m in ms], dim=-1)
+        return hook_r
 
     # ---- passes ----------------------------------------------------------------------
 
@@ -346,8 +370,10 @@ class KLAblator:
         res = KLResult()
         if not pos:
             return res
-        rows_idx = torch.tensor([p[0] for p in pos])
-        t_idx = torch.tensor([p[1] for p in pos])
+        dev = self.head.weight.device  # the model's device (cuda or cpu)
+        ids, attn = ids.to(dev), attn.to(dev)
+        rows_idx = torch.tensor([p[0] for p in pos], device=dev)
+        t_idx = torch.tensor([p[1] for p in pos], device=dev)
         self._masks = {}
         with torch.inference_mode():
             h_ref, rec_in, h_final = self._record(ids, attn)
@@ -357,7 +383,7 @@ class KLAblator:
             for group in self.passes:
                 k = len(group)
                 for name in {c for a in group for c in a.components}:
-                    keep = torch.tensor([0.0 if name in a.components else 1.0 for a in group])
+                    keep = torch.tensor([0.0 if name in a.components else 1.0 for a in group], device=dev)
                     self._masks[name] = keep.repeat_interleave(b).view(k * b, 1, 1)
                 try:
                     start = group[0].start_layer

@@ -12,13 +12,16 @@ temporary name and renamed into place, so a retried batch replaces its own file 
 rerun never duplicates rows:
 
 - ``activations/``: doc_id int64, pos int32, token_id int32, then one float32 column per
-  adapter component, ``L{layer:02d}_{module}`` (3 digits for models with >= 100 layers);
+  adapter component, ``L{layer:02d}_{module}`` (3 digits for models with >= 100 layers; a
+  rank-r adapter has r columns per module, ``L{layer:02d}_{module}_r{i}``, the scalar of
+  row i of lora_A: names in `rank1_core.lora`);
 - ``neurons/``: doc_id, pos, then float32 ``N{layer:02d}_{idx:04d}`` for the first N neurons
   of every MLP (the activation entering down_proj, adapter disabled);
 - ``tokens/``: doc_id, pos, token_id, token (decoded text of that one token), split.
 
-Beside them, ``components.parquet`` (component_id = layer * 7 + module index, column, layer,
-module, kind mlp|attn, a_norm, b_norm, scaling) and ``neuron_catalogue.parquet`` (column,
+Beside them, ``components.parquet`` (component_id = layer * 7 + module index, times r plus
+the direction for rank r; column, layer, module, kind mlp|attn, a_norm and b_norm of the
+direction's row of lora_A and column of lora_B, scaling) and ``neuron_catalogue.parquet`` (column,
 layer, neuron).
 
 No `ray` here: Ray Data makes `Extractor` an actor (`ray_jobs/extract.py`); tests call it
@@ -30,9 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import resource
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +44,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rank1_core.rundir import RunDir, StageDir
+from rank1_core.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MLP_MODULES, MODULES,  # noqa: F401
+                             component_id, component_name, layer_digits, lora_key, module_kind, parse_module)
+from rank1_core.rundir import TMP_PREFIX, RunDir, StageDir, atomic_output
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TABLES = ("activations", "neurons", "tokens")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# A module path inside a decoder: "...layers.<i>.<self_attn|mlp>.<module>[.lora_A.weight]".
-_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:[A-Za-z0-9_]+\.)*?([a-z_]+_proj)(?:\.|$)")
-_TMP = ".tmp-"
+_TMP = TMP_PREFIX
 
 
 class ExtractError(RuntimeError):
@@ -62,28 +59,12 @@ class ExtractError(RuntimeError):
 # --------------------------------------------------------------------------- names
 
 
-def layer_digits(num_layers: int) -> int:
-    return 3 if num_layers >= 100 else 2
-
-
-def component_column(layer: int, module: str, num_layers: int) -> str:
-    return f"L{layer:0{layer_digits(num_layers)}d}_{module}"
+def component_column(layer: int, module: str, num_layers: int, direction: int | None = None) -> str:
+    return component_name(layer, module, direction, num_layers)
 
 
 def neuron_column(layer: int, neuron: int, num_layers: int) -> str:
     return f"N{layer:0{layer_digits(num_layers)}d}_{neuron:04d}"
-
-
-def component_id(layer: int, module: str) -> int:
-    return layer * len(MODULES) + MODULES.index(module)
-
-
-def parse_module(name: str) -> tuple[int, str] | None:
-    """(layer, module) of a decoder-layer module path or adapter weight key, else None."""
-    m = _MODULE.search(name)
-    if not m or m.group(2) not in MODULES:
-        return None
-    return int(m.group(1)), m.group(2)
 
 
 @dataclass(frozen=True)
@@ -91,14 +72,17 @@ class Component:
     layer: int
     module: str
     column: str
+    direction: int = 0
+    """Row of lora_A (0 for rank 1)."""
+    rank: int = 1
 
     @property
     def component_id(self) -> int:
-        return component_id(self.layer, self.module)
+        return component_id(self.layer, self.module, self.direction, self.rank)
 
     @property
     def kind(self) -> str:
-        return "mlp" if self.module in MLP_MODULES else "attn"
+        return module_kind(self.module)
 
 
 # --------------------------------------------------------------------------- the adapter on disk
@@ -135,14 +119,16 @@ def read_adapter(path: str | Path, num_layers: int) -> AdapterInfo:
     where = p / ADAPTER_CONFIG
     if config.get("peft_type", "LORA") != "LORA":
         raise ExtractError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
-    if int(config.get("r", 0)) != 1:
-        raise ExtractError(f"{where}: r = {config.get('r')!r}; extraction needs a rank-1 adapter (r = 1)")
+    rank = config.get("r", 0)
+    if not isinstance(rank, int) or rank < 1:
+        raise ExtractError(f"{where}: r = {rank!r}; expected a positive integer")
     if config.get("use_dora"):
         raise ExtractError(f"{where}: use_dora is set; a DoRA adapter's output is not lora_B(lora_A(x))")
     if config.get("rank_pattern"):
         raise ExtractError(f"{where}: rank_pattern {config['rank_pattern']!r} gives some modules another rank")
     # peft multiplies lora_B(lora_A(x)) by alpha / r (rsLoRA: alpha / sqrt(r)); both are alpha at r = 1.
-    scaling = float(config.get("lora_alpha", 1))
+    alpha = float(config.get("lora_alpha", 1))
+    scaling = alpha if rank == 1 else alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
     weights = load_file(str(p / ADAPTER_WEIGHTS))
     a_norm, b_norm, comps = {}, {}, {}
     for key, w in weights.items():
@@ -156,9 +142,14 @@ def read_adapter(path: str | Path, num_layers: int) -> AdapterInfo:
         layer, module = lm
         if layer >= num_layers:
             raise ExtractError(f"{p / ADAPTER_WEIGHTS}: {key!r} is on layer {layer}, the model has {num_layers}")
-        col = component_column(layer, module, num_layers)
-        comps[col] = Component(layer, module, col)
-        (a_norm if part == "A" else b_norm)[col] = float(w.float().norm())
+        got = w.shape[0] if part == "A" else w.shape[-1]
+        if got != rank:
+            raise ExtractError(f"{where}: r = {rank} but tensor {key!r} has rank {got}")
+        for d in range(rank):
+            col = component_column(layer, module, num_layers, None if rank == 1 else d)
+            comps[col] = Component(layer, module, col, d, rank)
+            vec = w[d] if part == "A" else w[:, d]
+            (a_norm if part == "A" else b_norm)[col] = float(vec.float().norm())
     if not comps:
         raise ExtractError(f"{p / ADAPTER_WEIGHTS}: holds no LoRA tensor")
     half = sorted(set(a_norm) ^ set(b_norm))
@@ -213,18 +204,10 @@ def local_adapter(train: StageDir, rel: str = "adapter") -> Path:
 # --------------------------------------------------------------------------- hooks
 
 
-def _decoder_layers(lm) -> list:
-    """The decoder layers of a causal LM (Llama/Qwen2/Mistral-style: `<prefix>.layers`)."""
-    inner = getattr(lm, lm.base_model_prefix, None) if hasattr(lm, "base_model_prefix") else None
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ExtractError(f"{type(lm).__name__}: cannot find its decoder layers (expected .{lm.base_model_prefix}.layers)")
-    return list(layers)
-
-
 class ActivationCapture:
-    """Forward hooks on a peft model: `lora_A(x)` per component and the first N inputs of
-    every `down_proj`. Record inside `with capture.record("adapter"|"neurons"): model(...)`."""
+    """Forward hooks on a peft model: `lora_A(x)` per component (each of its r outputs for a
+    rank-r module) and the first N inputs of every `down_proj`. Record inside
+    `with capture.record("adapter"|"neurons"): model(...)`."""
 
     def __init__(self, peft_model, num_layers: int, mlp_neurons: int):
         from peft.tuners.lora import LoraLayer
@@ -242,23 +225,29 @@ class ActivationCapture:
                 lm = parse_module(name)
                 if lm is None:
                     raise ExtractError(f"adapted module {name!r} is not one of {', '.join(MODULES)} of a decoder layer")
-                if mod.lora_A["default"].out_features != 1:
-                    raise ExtractError(f"{name}: lora_A has rank {mod.lora_A['default'].out_features}, need 1")
                 found[lm] = mod
+        ranks = {mod.lora_A["default"].out_features for mod in found.values()}
+        if len(ranks) > 1:
+            raise ExtractError(f"adapted modules have different ranks {sorted(ranks)}; rank1 reads one rank per adapter")
         for (layer, module), mod in sorted(found.items(), key=lambda kv: component_id(*kv[0])):
-            comp = Component(layer, module, component_column(layer, module, num_layers))
-            self.components.append(comp)
-            self._handles.append(mod.lora_A["default"].register_forward_hook(self._adapter_hook(comp.column)))
+            r = mod.lora_A["default"].out_features
+            comps = [Component(layer, module, component_column(layer, module, num_layers, None if r == 1 else d), d, r)
+                     for d in range(r)]
+            self.components.extend(comps)
+            self._handles.append(mod.lora_A["default"].register_forward_hook(self._adapter_hook([c.column for c in comps])))
         if mlp_neurons:
-            layers = _decoder_layers(peft_model.get_base_model())
+            from rank1_core.models import decoder_layers
+
+            layers = decoder_layers(peft_model)
             for i, layer in enumerate(layers):
                 down = layer.mlp.down_proj
                 self._handles.append(down.register_forward_pre_hook(self._neuron_hook(i)))
 
-    def _adapter_hook(self, column: str):
+    def _adapter_hook(self, columns: list[str]):
         def hook(_mod, _inp, out):
             if self._mode == "adapter":
-                self.adapter[column] = out[..., 0].detach()
+                for d, column in enumerate(columns):
+                    self.adapter[column] = out[..., d].detach()
         return hook
 
     def _neuron_hook(self, layer: int):
@@ -319,16 +308,11 @@ class Extracted:
 
 def write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, compression: str,
                  use_dictionary: bool | list[str] = False, before_rename=None) -> None:
-    """Write to a temporary name in the same folder, then rename into place."""
-    folder, base = path.rsplit("/", 1)
-    tmp = f"{folder}/{_TMP}{uuid.uuid4().hex[:8]}-{base}"
-    fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(tmp) as out:
+    """Write to a temporary name in the same folder, then rename into place (the one writer,
+    `rank1_core.rundir.atomic_output`; `before_rename` is a test hook run before the rename)."""
+    with atomic_output(fs, path, before_rename) as out:
         pq.write_table(table, out, compression=None if compression == "none" else compression,
                        use_dictionary=use_dictionary)
-    if before_rename is not None:
-        before_rename()
-    fs.move(tmp, path)
 
 
 def max_rss_mb() -> float:
@@ -385,9 +369,10 @@ class Extractor:
         self.crash = crash
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_model(model_dir, dtype=dtype, adapter=adapter_dir, device=device)
-        lm = self.model.get_base_model()
-        self.decoder = getattr(lm, lm.base_model_prefix)
-        self.num_layers = len(_decoder_layers(lm))
+        from rank1_core.models import decoder
+
+        lm, self.decoder = decoder(self.model)
+        self.num_layers = len(self.decoder.layers)
         inter = lm.config.intermediate_size
         self.mlp_neurons = min(mlp_neurons, inter)
         self.capture = ActivationCapture(self.model, self.num_layers, self.mlp_neurons)

@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from rank1_core.lexicon import HESITATION_WORDS
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong. The message names which."""
@@ -92,8 +94,9 @@ class ModelConfig:
     Hugging Face model directory, or a hub id (used only if already in the local HF cache)."""
     revision: Optional[str] = None
     """Hub revision for a hub id."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype when loading for inference (training has its own precision switch)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype when loading for inference (training has its own precision switch).
+    auto: bfloat16 where the hardware runs it fast, else float32 (rank1_core/device.py)."""
     think_marker: str = "<|im_start|>think"
     """Opens the thinking part of the assistant turn (s1's sentinel)."""
     answer_marker: str = "<|im_start|>answer"
@@ -141,14 +144,16 @@ class TaskMix:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "s1k"] = "synthetic"
-    """Training traces: generated offline with reasoning-gym, or s1K-1.1 (schema of the hub set)."""
+    source: Literal["synthetic", "s1k", "chat"] = "synthetic"
+    """Training traces: generated offline with reasoning-gym, s1K-1.1 (schema of the hub set), or
+    chat rows (a `messages` list of {role: system|user|assistant, content}, multi-turn allowed),
+    formatted with the model's chat template, loss on every assistant turn."""
     path: Optional[str] = None
-    """s1K-1.1 as a local Parquet/JSONL file or a hub dataset id (source: s1k)."""
+    """s1K-1.1 or chat rows as a local Parquet/JSONL file or a hub dataset id (source: s1k, chat)."""
     trajectory: Literal["deepseek", "gemini"] = "deepseek"
     """Which s1K-1.1 trajectory/attempt pair to train on."""
     num_traces: int = 400
-    """Synthetic traces to generate (s1k: 0 = all rows)."""
+    """Synthetic traces to generate (s1k, chat: the first N rows, 0 = all rows)."""
     tasks: list[TaskMix] = field(default_factory=lambda: [TaskMix()])
     """Mix of reasoning-gym tasks for synthetic traces."""
     hesitation_share: float = 0.35
@@ -165,8 +170,8 @@ class DataConfig:
     """Benchmarks to prepare for the evaluate stage."""
 
     def __post_init__(self) -> None:
-        if self.source == "s1k" and not self.path:
-            raise ConfigError("data.path is required when data.source is 's1k'")
+        if self.source in ("s1k", "chat") and not self.path:
+            raise ConfigError(f"data.path is required when data.source is {self.source!r}")
         if not 0.0 <= self.hesitation_share <= 1.0:
             raise ConfigError(f"data.hesitation_share must be in [0, 1], got {self.hesitation_share!r}")
         if self.max_seq_len < 8:
@@ -267,8 +272,9 @@ class FullSection:
     strategy: Optional[Literal["ddp", "deepspeed_zero2", "deepspeed_zero3"]] = None
     """Distribution strategy for the full fine-tune. None: train.strategy. Large models need
     deepspeed_zero3 here even when the adapter trains with ddp."""
-    precision: Optional[Literal["float32", "bf16_autocast", "bf16"]] = None
-    """Precision of the full fine-tune. None: train.precision. The rank-1 adapter can train on
+    precision: Optional[Literal["auto", "float32", "bf16_autocast", "bf16"]] = None
+    """Precision of the full fine-tune. None: train.precision (auto: bf16_autocast, or bf16 under
+    DeepSpeed, where the hardware runs bf16 fast, else float32). The rank-1 adapter can train on
     a frozen bf16 base (as a GPU run does) while the full fine-tune keeps fp32 weights
     (bf16_autocast): bf16 weights would round its small Adam updates away."""
 
@@ -280,7 +286,34 @@ class FullSection:
 
 
 @dataclass
-class TrainConfig:
+class Scaling:
+    """How a trained stage (train, train_full, sae, transcoder) runs on Ray Train: the same
+    keys, defaults and checks in each of their sections (`train.num_workers`,
+    `sae.num_workers`, `transcoder.num_workers`, ...)."""
+
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks: gradients are averaged)."""
+    cpus_per_worker: int = 2
+    """CPUs per worker (also torch's thread count on CPU)."""
+    gpus_per_worker: int = 0
+    """GPUs per worker (0: CPU training with gloo; with GPUs, nccl)."""
+    keep_checkpoints: int = 2
+    """Ray Train checkpoints kept (the newest)."""
+    max_failures: int = 2
+    """Worker failures a run recovers from (from its last checkpoint); -1: unlimited."""
+
+    def check_scaling(self, section: str) -> None:
+        for name in ("num_workers", "cpus_per_worker", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"{section}.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        if self.max_failures < -1:
+            raise ConfigError(f"{section}.max_failures must be >= -1, got {self.max_failures!r}")
+
+
+@dataclass
+class TrainConfig(Scaling):
     """Ray Train fine-tuning (rank-1 LoRA and the full fine-tune baseline).
 
     Paper defaults (Qwen2.5-32B on s1K-1.1): rank-1 LoRA, alpha 16, rsLoRA, lr 1e-3,
@@ -307,8 +340,9 @@ class TrainConfig:
     that (traces x longest trace) stays within it; a longer trace goes alone."""
     grad_accum: int = 1
     """Micro-batches per worker per optimizer step."""
-    precision: Literal["float32", "bf16_autocast", "bf16"] = "float32"
-    """float32; bf16_autocast (fp32 weights, bf16 matmuls: 1.6x faster on CPU, used by the
+    precision: Literal["auto", "float32", "bf16_autocast", "bf16"] = "auto"
+    """auto (bf16 where the hardware runs it fast: CUDA, a CPU with AMX or AVX512-BF16; float32
+    elsewhere, where bf16 can be 70x slower; rank1_core/device.py); float32; bf16_autocast (fp32 weights, bf16 matmuls: 1.6x faster on CPU, used by the
     demo); bf16 (bf16 base weights; the adapter stays fp32; with DeepSpeed its bf16 mode)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
@@ -317,34 +351,30 @@ class TrainConfig:
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON. None: configs/deepspeed_zero2.json or _zero3.json of rank1. Values
     "auto" are filled from this section (batch, accumulation, clipping, bf16)."""
-    num_workers: int = 1
-    """Ray Train workers (data-parallel ranks)."""
-    cpus_per_worker: int = 2
-    """CPUs per worker (also torch's thread count on CPU)."""
-    gpus_per_worker: int = 0
-    """GPUs per worker (0: CPU training with gloo)."""
     checkpoint_every: int = 0
     """Optimizer steps between Ray Train checkpoints (0: at the end of every epoch)."""
-    keep_checkpoints: int = 2
-    """Ray Train checkpoints kept (the newest)."""
-    max_failures: int = 2
-    """Worker failures a run recovers from (from its last checkpoint); -1: unlimited."""
     eval_every: int = 0
     """Optimizer steps between held-out losses (0: at the start and the end of every epoch)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs). For smoke runs/benchmarks."""
     lora: LoraSection = field(default_factory=LoraSection)
     """The rank-1 adapter (stage `train`)."""
+    adapter_path: Optional[str] = None
+    """A local peft adapter directory (adapter_config.json + adapter_model.safetensors) made
+    elsewhere, of any rank: the `train` stage checks it against the model (base model, target
+    modules, layers, rank: a mismatch names the key), copies it to train/adapter and records
+    its hash instead of training; `train.lora` is then not used. None: train one."""
     full: FullSection = field(default_factory=FullSection)
     """The full fine-tune baseline (stage `train_full`)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr!r}")
-        for name in ("epochs", "grad_accum", "num_workers", "cpus_per_worker", "keep_checkpoints"):
+        self.check_scaling("train")
+        for name in ("epochs", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("gpus_per_worker", "checkpoint_every", "eval_every", "max_steps"):
+        for name in ("checkpoint_every", "eval_every", "max_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.batch_tokens < 8:
@@ -355,8 +385,6 @@ class TrainConfig:
             raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.max_failures < -1:
-            raise ConfigError(f"train.max_failures must be >= -1, got {self.max_failures!r}")
 
 
 @dataclass
@@ -377,8 +405,8 @@ class ExtractConfig:
     """Padded tokens per forward pass (a longer document runs alone)."""
     mlp_neurons: int = 60
     """Baseline: the first N neurons of every MLP of the unadapted model (paper: 60; 0 = none)."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Model dtype while extracting (None: model.dtype). Stored values are float32 either way."""
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None
+    """Model dtype while extracting (None: model.dtype; auto: bfloat16 where fast). Stored values are float32 either way."""
     splits: list[str] = field(default_factory=lambda: ["train", "heldout"])
     """Which splits of prepare/tokens to extract."""
     compression: Literal["zstd", "snappy", "none"] = "zstd"
@@ -450,7 +478,7 @@ class TopkConfig:
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(Scaling):
     """Cross-layer BatchTopK sparse autoencoder over the whole adapter state."""
 
     expansion: int = 8
@@ -491,24 +519,14 @@ class SAEConfig:
     (`iter_torch_batches`; the path for clusters), or each worker reading its share of the
     files with pyarrow (no Ray Data start-up per epoch: measured several seconds per epoch on
     2 cores, which dominates small data trained for many epochs)."""
-    num_workers: int = 1
-    """Ray Train workers (data-parallel; gradients are averaged)."""
-    cpus_per_worker: int = 2
-    """CPUs (and torch threads) of each worker."""
-    use_gpu: bool = False
-    """Give each worker a GPU."""
-    max_failures: int = 1
-    """Worker-group restarts (from the last checkpoint) before the stage fails."""
     checkpoint_every: int = 500
     """Steps between checkpoints (plus one at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept in sae/checkpoints."""
     encode_batch_size: int = 8192
     """Tokens per batch when encoding every token after training."""
 
     def __post_init__(self) -> None:
-        positive = ("expansion", "k", "norm_tokens", "batch_size", "epochs", "dead_tokens",
-                    "num_workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints",
+        self.check_scaling("sae")
+        positive = ("expansion", "k", "norm_tokens", "batch_size", "epochs", "dead_tokens", "checkpoint_every",
                     "encode_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -529,8 +547,6 @@ class SAEConfig:
             raise ConfigError(f"sae.threshold_ema must be in (0, 1], got {self.threshold_ema!r}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"sae.shuffle_buffer must be >= 0, got {self.shuffle_buffer!r}")
-        if self.max_failures < 0:
-            raise ConfigError(f"sae.max_failures must be >= 0, got {self.max_failures!r}")
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"sae.batch_size ({self.batch_size}) must be divisible by sae.num_workers ({self.num_workers})"
@@ -590,8 +606,9 @@ class EvaluateConfig:
     """How an adapter is served: lora_request (vLLM LoRARequest on the base weights), merged
     (merged into the base weights; either backend), peft (transformers + peft adapter).
     auto: lora_request on vLLM, peft on transformers."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Weights dtype of every variant. None: model.dtype (use float32 on CPU)."""
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None
+    """Weights dtype of every variant. None: model.dtype. auto: bfloat16 on CUDA, float32 on CPU
+    (one dtype for every variant; bf16 drifts greedy generations)."""
     batch_size: int = 32
     """Prompts handed to one actor call (transformers: one generate() batch)."""
     actors: int = 1
@@ -602,8 +619,14 @@ class EvaluateConfig:
     """GPUs per actor (vLLM on GPU: 1, or tensor_parallel_size)."""
     threads: int = 0
     """torch threads per actor (0: every core of the machine)."""
+    missing_marker: Literal["wrong", "grade_tail"] = "wrong"
+    """A response to a think prompt (s1 format) that never wrote model.answer_marker (cut off
+    mid-thought): wrong (graded wrong: it never answered, as in s1's own evaluation) or
+    grade_tail (graded on its last tail_chars characters; a number inside unfinished thinking
+    can then count). Either way marker_found is false. A plain-prompted variant (base_prompt:
+    plain) expects no marker and is graded on its whole response."""
     tail_chars: int = 300
-    """Characters graded when a response never writes model.answer_marker (flagged per row)."""
+    """Characters graded when missing_marker is grade_tail and a response has no answer marker."""
     base_prompt: Literal["plain", "think"] = "plain"
     """Prompt of the base variant: plain (the model's own chat format, as the paper evaluates
     the base instruct model) or think (ending with model.think_marker, like the fine-tuned
@@ -692,8 +715,8 @@ class AblateConfig:
     benchmark_groups: bool = True
     """Benchmark each group-ablated adapter with the evaluate settings (needs the evaluate stage
     done with variants base and lora, for b and l of Table 2)."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Weights dtype of the KL forward passes. None: model.dtype."""
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None
+    """Weights dtype of the KL forward passes. None: model.dtype (auto: as evaluate.dtype)."""
     actors: int = 1
     """KL actors (Ray Data); held-out traces are sharded across them."""
     actor_cpus: float = 1.0
@@ -756,7 +779,8 @@ class LLMModelConfig:
     params: dict = field(default_factory=dict)
     """Extra request parameters sent as they are (e.g. {reasoning_effort: low})."""
     timeout_s: float = 120.0
-    """Seconds before a request counts as timed out (and is retried)."""
+    """Seconds before a request counts as timed out (and is retried). The provider may still
+    finish and bill the abandoned request: keep it above the slowest normal answer (docs/stages/autointerp.md)."""
 
     def __post_init__(self) -> None:
         where = f"autointerp.models[{self.name!r}]"
@@ -813,8 +837,8 @@ class LocalLLMServerConfig:
     model: Optional[str] = None
     """Model to serve: a built-in name or a local HF directory (None: model.name, the run's
     instruct model)."""
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Serving dtype. bfloat16 measured 3-5x faster than float32 here (SmolLM2, 2 busy cores:
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Serving dtype (auto: bfloat16 where the hardware runs it fast, else float32). bfloat16 measured 3-5x faster than float32 here (SmolLM2, 2 busy cores:
     prefill 1,800 vs 356 tokens/s, decode 96-137 vs 35-53 tokens/s at 8 concurrent requests);
     its known crash needs prompts of <= 4 tokens, which chat prompts never are."""
     max_model_len: int = 8192
@@ -896,6 +920,13 @@ class AutointerpConfig:
     score_negatives: int = 5
     """Non-activating contexts per detection prompt: other features' contexts not overlapping
     any of this feature's top contexts."""
+    scorers: list[str] = field(default_factory=lambda: ["detection", "fuzzing", "simulation"])
+    """Explanation scores computed (one call per feature each; see rank1_core/autointerp/scorers.py):
+    detection (held-out vs other contexts), fuzzing (held-out contexts with right or random
+    tokens marked; score_positives contexts), simulation (0-10 per token, correlation with the
+    true activations on the held-out activating contexts)."""
+    simulation_tokens: int = 16
+    """Tokens per context the simulator predicts (a window around the context's hit)."""
     category_groups: dict = field(default_factory=lambda: {"directions": ["adapter", "neuron"], "sae": ["sae"],
                                                            "transcoder": ["transcoder"]})
     """Sources sharing one generated category set (paper: LoRA directions with MLP neurons;
@@ -960,6 +991,12 @@ class AutointerpConfig:
         for k in ("score_positives", "score_negatives", "actors"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"autointerp.{k} must be >= 0, got {getattr(self, k)!r}")
+        from rank1_core.autointerp.scorers import SCORERS
+
+        if any(s not in SCORERS for s in self.scorers) or len(set(self.scorers)) != len(self.scorers):
+            raise ConfigError(f"autointerp.scorers must be distinct names from {list(SCORERS)}, got {self.scorers!r}")
+        if self.simulation_tokens < 2:
+            raise ConfigError(f"autointerp.simulation_tokens must be >= 2, got {self.simulation_tokens!r}")
         if self.budget_usd is not None and self.budget_usd < 0:
             raise ConfigError(f"autointerp.budget_usd must be >= 0 or null, got {self.budget_usd!r}")
         if self.burst_s <= 0 or self.retry_base_s < 0 or self.retry_max_s <= 0:
@@ -1044,9 +1081,10 @@ class SteerConfig:
     """A top context counts as a hesitation context when a hesitation word starts at one of
     these offsets from the hit token (0: the hit token itself; 1: the next token, i.e. the
     direction fires just before the model writes "Wait")."""
-    hesitation_tokens: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
-    """Hesitation words: counted as whole words (case-sensitive) in the generated text, and
-    matched at the start of context tokens for the automatic choice."""
+    hesitation_tokens: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Hesitation words (default: `rank1_core.lexicon.HESITATION_WORDS`): counted whole-word and
+    case-insensitively in the generated text (the lexicon's one rule), and matched at the start
+    of context tokens for the automatic choice."""
     modes: list[Literal["scale", "set", "add"]] = field(default_factory=lambda: ["scale"])
     """How components are steered: scale (lora_A output x alpha: 1 = unsteered, 0 = ablated),
     set (output := alpha x typical), add (output + alpha x typical); typical = the component's
@@ -1071,16 +1109,19 @@ class SteerConfig:
     """Token budget of one response (greedy decoding)."""
     batch_size: int = 8
     """Prompts generated together (one work unit is one condition on one batch of prompts)."""
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Weights dtype. None: model.dtype."""
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None
+    """Weights dtype. None: model.dtype (auto: as evaluate.dtype)."""
     actors: int = 1
     """Ray actors, each holding the model with the adapter; work units are spread across them."""
     actor_cpus: float = 1.0
     """Logical CPUs Ray reserves per actor."""
     threads: int = 0
     """torch threads per actor (0: every core of the machine)."""
+    missing_marker: Literal["wrong", "grade_tail"] = "wrong"
+    """A steered response that never wrote model.answer_marker: graded wrong, or on its last
+    tail_chars characters (grade_tail); as evaluate.missing_marker."""
     tail_chars: int = 300
-    """Characters graded when a response never writes model.answer_marker."""
+    """Characters graded when missing_marker is grade_tail and a response has no answer marker."""
     figure_dpi: int = 110
     """Resolution of the per-feature PNG figures."""
 
@@ -1096,8 +1137,9 @@ class SteerConfig:
         if self.actor_cpus <= 0:
             raise ConfigError(f"steer.actor_cpus must be > 0, got {self.actor_cpus!r}")
         for c in self.components:
-            if not _re.fullmatch(r"L\d+_(q|k|v|o|gate|up|down)_proj", c):
-                raise ConfigError(f"steer.components: {c!r} is not a component name (e.g. L03_gate_proj)")
+            if not _re.fullmatch(r"L\d+_(q|k|v|o|gate|up|down)_proj(_r\d+)?", c):
+                raise ConfigError(f"steer.components: {c!r} is not a component name (e.g. L03_gate_proj, "
+                                  "or L03_gate_proj_r2 for a direction of a rank-r adapter)")
         for f in self.sae_features:
             if not _re.fullmatch(r"F\d{5,}", f):
                 raise ConfigError(f"steer.sae_features: {f!r} is not an SAE feature name (e.g. F00012)")
@@ -1164,8 +1206,10 @@ class TranscoderHesitationSection:
     """Which adapter features count as hesitation features (their top contexts are hesitation
     tokens), for the ablation experiment of stage `transcoder_eval`."""
 
-    words: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
-    """Hesitation words; a token matches when its letters, lower-cased, equal one of them."""
+    words: list[str] = field(default_factory=lambda: list(HESITATION_WORDS))
+    """Hesitation words (default: `rank1_core.lexicon.HESITATION_WORDS`); a token matches when its
+    letters, lower-cased, equal one of them; `transcoder_eval` counts them in generated text
+    whole-word and case-insensitively (the lexicon's one rule, as `steer`)."""
     match: Literal["token", "next", "either"] = "either"
     """A top context counts when the token at the hit is a hesitation word (token), the token
     after it is (next: the feature fires where the model is about to hesitate), or either."""
@@ -1228,7 +1272,7 @@ class TranscoderEvalSection:
 
 
 @dataclass
-class TranscoderConfig:
+class TranscoderConfig(Scaling):
     """Transcoder adapters (paper/transcoder-adapters-abstract.md): per MLP layer a sparse branch
     reading the MLP's input, TopK(k) over expansion x hidden latents, whose output is added to
     the frozen base MLP's output; trained (stage `transcoder`) so that base + adapters matches
@@ -1278,20 +1322,10 @@ class TranscoderConfig:
     """Padded tokens of one micro-batch per worker (traces x longest trace)."""
     grad_accum: int = 1
     """Micro-batches per worker per optimizer step."""
-    precision: Literal["float32", "bf16_autocast"] = "float32"
+    precision: Literal["auto", "float32", "bf16_autocast"] = "auto"
     """Matmuls of both models' forward passes (weights, adapters and losses stay fp32)."""
-    num_workers: int = 1
-    """Ray Train workers (DDP over gloo on CPU, nccl on GPU)."""
-    cpus_per_worker: int = 2
-    """CPUs (and torch threads) per worker."""
-    gpus_per_worker: int = 0
-    """GPUs per worker."""
     checkpoint_every: int = 0
     """Optimizer steps between checkpoints (0: at the end of every epoch)."""
-    keep_checkpoints: int = 2
-    """Ray Train checkpoints kept."""
-    max_failures: int = 2
-    """Worker failures a run recovers from (from its last checkpoint)."""
     heldout_docs: int = 0
     """Held-out traces the faithfulness numbers are measured on (0: all)."""
     extract: TranscoderExtractSection = field(default_factory=TranscoderExtractSection)
@@ -1304,12 +1338,12 @@ class TranscoderConfig:
     def __post_init__(self) -> None:
         if not self.target:
             raise ConfigError("transcoder.target must be 'train_full' or a model directory, got ''")
-        for name in ("expansion", "k", "epochs", "batch_tokens", "grad_accum", "num_workers", "cpus_per_worker",
-                     "keep_checkpoints", "init_tokens"):
+        self.check_scaling("transcoder")
+        for name in ("expansion", "k", "epochs", "batch_tokens", "grad_accum", "init_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transcoder.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "gpus_per_worker", "checkpoint_every", "heldout_docs", "max_failures",
-                     "recon_coef", "kl_coef", "sparsity_coef", "max_grad_norm"):
+        for name in ("max_steps", "checkpoint_every", "heldout_docs", "recon_coef", "kl_coef", "sparsity_coef",
+                     "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"transcoder.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.recon_coef == 0 and self.kl_coef == 0:
@@ -1325,6 +1359,135 @@ class TranscoderConfig:
                 raise ConfigError(f"transcoder.layers: negative layer index in {self.layers!r}")
             if len(set(self.layers)) != len(self.layers):
                 raise ConfigError(f"transcoder.layers has duplicates: {self.layers!r}")
+
+
+@dataclass
+class LexicalConcept:
+    """A concept defined by words or a regular expression over the decoded text (any data)."""
+
+    name: str = ""
+    """Concept name (unique among all concepts)."""
+    words: list[str] = field(default_factory=list)
+    """Words matched whole-word (the rule of `rank1_core.lexicon`)."""
+    regex: Optional[str] = None
+    """A Python regular expression instead of `words`; every token overlapping a match is labelled."""
+    case_sensitive: bool = False
+    """Match case-sensitively (words and regex); the lexicon's rule is case-insensitive."""
+
+    def __post_init__(self) -> None:
+        import re as _re
+
+        if not self.name or not _re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise ConfigError(f"concepts.lexical: name must be an identifier, got {self.name!r}")
+        if bool(self.words) == (self.regex is not None):
+            raise ConfigError(f"concepts.lexical: concept {self.name!r} needs exactly one of words or regex")
+        if self.regex is not None:
+            try:
+                _re.compile(self.regex)
+            except _re.error as e:
+                raise ConfigError(f"concepts.lexical: concept {self.name!r}: regex {self.regex!r} does not compile "
+                                  f"({e})") from None
+        if any(not w for w in self.words):
+            raise ConfigError(f"concepts.lexical: concept {self.name!r} has an empty word")
+
+
+@dataclass
+class SQLConcept:
+    """A concept defined by SQL: a query over the run's views (`tokens`, ...) returning the
+    (doc_id, pos) rows of the concept."""
+
+    name: str = ""
+    """Concept name (unique among all concepts)."""
+    query: str = ""
+    """A query of `queries/` by name (`concept_after_equals`) or a path to a .sql file."""
+
+    def __post_init__(self) -> None:
+        import re as _re
+
+        if not self.name or not _re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise ConfigError(f"concepts.sql: name must be an identifier, got {self.name!r}")
+        if not self.query:
+            raise ConfigError(f"concepts.sql: concept {self.name!r} needs a query (a name in queries/ or a file)")
+
+
+@dataclass
+class ConceptsConfig:
+    """Ground truth: token-level concept labels (planted by the synthetic generator, lexical,
+    SQL) and, for every feature x concept, AUROC and top-k precision against random
+    directions and shuffled labels (stage `concepts`)."""
+
+    planted: bool = True
+    """Use prepare's spans (the synthetic generator's planted concepts and the think/answer
+    sections) when prepare wrote them."""
+    lexical: list[LexicalConcept] = field(default_factory=lambda: [
+        LexicalConcept(name="hesitation_word", words=list(HESITATION_WORDS)),
+        LexicalConcept(name="number", regex=r"[0-9]+"),
+        LexicalConcept(name="newline", regex=r"\n"),
+    ])
+    """Lexical concepts, for any data (s1K-1.1 included)."""
+    sql: list[SQLConcept] = field(default_factory=lambda: [
+        SQLConcept(name="after_equals", query="concept_after_equals")])
+    """SQL concepts: queries returning (doc_id, pos)."""
+    sources: Optional[list[Literal["adapter", "neuron", "sae", "transcoder"]]] = None
+    """Feature sources; None: every available one (as topk)."""
+    k: int = 64
+    """Top contexts per feature and sign whose peak tokens give the precision (paper: 64)."""
+    max_per_doc: int = 4
+    """At most this many of those contexts from one document (as topk.max_per_doc)."""
+    clean_auroc: float = 0.9
+    """A feature is clean when its best concept's AUROC reaches this ..."""
+    clean_precision: float = 0.8
+    """... and that concept's top-k precision reaches this."""
+    broad_auroc: float = 0.75
+    """Not clean but best AUROC at least this: broad; below: unmatched."""
+    best_excludes: list[str] = field(default_factory=lambda: ["think", "answer"])
+    """Concepts never chosen as a feature's best concept (whole sections: a feature that fires
+    anywhere in the thinking is not a detector of anything). Their scores are still written."""
+    random_directions: int = 16
+    """Control: random unit directions in the adapter's activation space, scored like components."""
+    bootstrap: int = 200
+    """Bootstrap replicates over documents for the aggregate shares (0: none)."""
+    bootstrap_blocks: int = 50
+    """Documents are resampled in this many random blocks (at most one document per block)."""
+    hist_bits: int = 16
+    """Histogram resolution of the AUROC: the leading bits of each float32 value (16: 65,536
+    bins, 7 mantissa bits); each AUROC carries its exact error bound."""
+    memory_mb: int = 512
+    """Feature values held at once (a pass reads as many columns / sparse rows as fit)."""
+    keywords: dict = field(default_factory=dict)
+    """Explanation keywords per concept ({concept: [words]}), added to the built-in lists of
+    `rank1_core.concepts.KEYWORDS`: an explanation names a concept when it contains one."""
+    seed: int = 0
+    """Seed of the random directions, shuffled labels and bootstrap."""
+
+    def __post_init__(self) -> None:
+        for name in ("k", "max_per_doc", "hist_bits", "memory_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"concepts.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 8 <= self.hist_bits <= 24:
+            raise ConfigError(f"concepts.hist_bits must be in [8, 24], got {self.hist_bits!r}")
+        for name in ("random_directions", "bootstrap"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"concepts.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.bootstrap_blocks < 2:
+            raise ConfigError(f"concepts.bootstrap_blocks must be >= 2, got {self.bootstrap_blocks!r}")
+        for name in ("clean_auroc", "clean_precision", "broad_auroc"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"concepts.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.broad_auroc > self.clean_auroc:
+            raise ConfigError(f"concepts.broad_auroc ({self.broad_auroc}) must not exceed concepts.clean_auroc "
+                              f"({self.clean_auroc})")
+        names = [c.name for c in self.lexical] + [c.name for c in self.sql]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"concepts: concept name(s) {dup} defined twice")
+        if len(names) > 40:
+            raise ConfigError(f"concepts: at most 40 lexical + SQL concepts, got {len(names)}")
+        bad = {k: v for k, v in self.keywords.items() if not isinstance(v, list) or not all(isinstance(w, str) for w in v)}
+        if bad:
+            raise ConfigError(f"concepts.keywords must map a concept to a list of words, got {bad!r}")
+        if self.sources is not None and not self.sources:
+            raise ConfigError("concepts.sources must not be empty (null: every available source)")
 
 
 # --------------------------------------------------------------------------- root
@@ -1349,10 +1512,13 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
     stages: list[str] = field(default_factory=lambda: ["prepare"])
     """Stages `rank1 run` runs, in order."""
     source: Optional[str] = None
     """File the config was read from (set by the loader)."""
+    precision: list = field(default_factory=list, init=False, repr=False, compare=False)
+    """What each `auto` precision became and why (rank1_core.device.Choice; set by the loader)."""
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -1360,6 +1526,7 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
+        d.pop("precision", None)
         return d
 
 
@@ -1380,6 +1547,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "transcoder_extract": ("model", "transcoder"),
     "transcoder_eval": ("model", "evaluate", "transcoder"),
     "steer": ("model", "steer"),
+    "concepts": ("concepts",),
 }
 
 
@@ -1453,12 +1621,21 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: '{key}' has an unsupported type {tp!r}")  # pragma: no cover
 
 
+RENAMED_KEYS = {
+    "sae.use_gpu": "sae.gpus_per_worker (GPUs per worker, as in train and transcoder; use_gpu: true is "
+                   "gpus_per_worker: 1)",
+}
+"""Keys that are gone, and what replaces them (their errors say so)."""
+
+
 def _from_dict(cls: type, data: dict, prefix: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         k = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if k in RENAMED_KEYS:
+            raise ConfigError(f"{where}: '{k}' was replaced by {RENAMED_KEYS[k]}")
         raise ConfigError(f"{where}: unknown key '{k}' (known keys here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in data.items():
@@ -1496,15 +1673,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _blame_override(err: ConfigError, where: str, overrides) -> ConfigError:
+    """An error about a key that an override set names that override, not the file."""
+    msg = str(err)
+    if not msg.startswith(f"{where}: "):
+        return err
+    body = msg[len(where) + 2:]
+    quoted = body.removeprefix("unknown key ")
+    named = quoted.split("'")[1] if quoted.startswith("'") and quoted.count("'") >= 2 else None
+    for ov in reversed(list(overrides)):
+        key = ov.split("=", 1)[0].strip()
+        if named and (named == key or named.startswith((f"{key}.", f"{key}["))):
+            return ConfigError(f"override {ov!r}: {body}")
+    return err
+
+
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "<dict>") -> Config:
     data = json.loads(json.dumps(data))  # deep copy, plain types only
     for ov in overrides:
         key, value = parse_override(ov)
         _set_dotted(data, key, value, f"override {ov!r}")
-    cfg = _from_dict(Config, data, "", where)
-    unknown = [s for s in cfg.stages if s not in STAGE_SECTIONS]
-    if unknown:
-        raise ConfigError(f"{where}: 'stages' names unknown stage {unknown[0]!r} (known: {', '.join(STAGE_SECTIONS)})")
+    try:
+        cfg = _from_dict(Config, data, "", where)
+        unknown = [s for s in cfg.stages if s not in STAGE_SECTIONS]
+        if unknown:
+            raise ConfigError(f"{where}: 'stages' names unknown stage {unknown[0]!r} "
+                              f"(known: {', '.join(STAGE_SECTIONS)})")
+    except ConfigError as e:
+        raise _blame_override(e, where, overrides) from None
+    # Every `auto` precision becomes a concrete value here, once, before anything hashes, saves
+    # or runs the config (so the stage hash and the saved config.yaml carry the real choice).
+    from rank1_core.device import PrecisionError, resolve_config
+
+    try:
+        cfg.precision = resolve_config(cfg)
+    except PrecisionError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

@@ -79,9 +79,17 @@ def vllm_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> 'vllm' when vLLM is installed, else 'transformers'."""
+    """'auto' -> 'vllm' when vLLM is installed and runs on this CPU, else 'transformers'."""
     if backend == "auto":
-        return "vllm" if vllm_available() else "transformers"
+        if not vllm_available():
+            return "transformers"
+        from rank1_core.device import vllm_cpu_ok
+
+        ok, why = vllm_cpu_ok()
+        if not ok:
+            print(f"[evaluate] backend auto: transformers ({why})", flush=True)
+            return "transformers"
+        return "vllm"
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r} (known: auto, {', '.join(BACKENDS)})")
     if backend == "vllm" and not vllm_available():
@@ -125,17 +133,20 @@ def eos_ids(model_dir: str | Path, tokenizer) -> list[int]:
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                   dtype: str = "float32") -> Path:
     """Merge a peft adapter into the base weights (peft `merge_and_unload`) and save a plain
-    model directory (weights, config, tokenizer, generation config) to `out_dir`."""
+    model directory (weights, config, tokenizer, generation config) to `out_dir`, written whole
+    or not at all (`atomic_dir`)."""
     from rank1_core.models import load_model, load_tokenizer
+    from rank1_core.rundir import atomic_dir
 
     out_dir = Path(out_dir)
     model = load_model(model_dir, dtype, adapter=adapter_dir)
     merged = model.merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(model_dir).save_pretrained(out_dir)
-    src = Path(model_dir) / "generation_config.json"
-    if src.exists():
-        shutil.copy(src, out_dir / "generation_config.json")
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model_dir).save_pretrained(tmp)
+        src = Path(model_dir) / "generation_config.json"
+        if src.exists():
+            shutil.copy(src, tmp / "generation_config.json")
     return out_dir
 
 

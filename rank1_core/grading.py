@@ -1,12 +1,16 @@
 """Grading and the paper's tables: strip the thinking, check the answer, pass@1, % recovery.
 
-A response is what the model wrote after the prompt (which ends with the think marker):
+A response is what the model wrote after the prompt. A 'think' prompt (s1 format: it ends
+with the think marker) asks for
 
     {thinking} <answer_marker> {answer}
 
-Only the part after the answer marker is graded. A response that never writes the marker
-(ran out of budget, or a model that never learnt the format) is graded on its last
-`tail_chars` characters, and the row says so (`marker_found` False).
+and only the part after the last answer marker is graded. A think response that never
+writes the marker (cut off mid-thought, or a model that never learnt the format) did not
+answer: by default it is graded wrong, as s1's own evaluation does (`missing_marker`
+'wrong'); 'grade_tail' grades its last `tail_chars` characters instead (then a number inside
+unfinished thinking can count). Either way the row says so (`marker_found` False). A 'plain'
+prompt (the model's own chat format, no marker expected) is graded on the whole response.
 
 - math: math-verify parses the answer (boxed first, then any LaTeX or plain expression)
   and checks it against the reference (`verify(gold, pred)`: fractions, decimals, sets...).
@@ -35,6 +39,9 @@ LETTERS = "ABCDEFGHIJ"
 MAX_ANSWER_CHARS = 2000
 """Longest answer part graded (its end): bounds math-verify's work on a runaway answer."""
 UNDEFINED = "undefined"
+MISSING_MARKER = ("wrong", "grade_tail")
+"""What a think-format response without the answer marker is graded as (see the module doc)."""
+PROMPTS = ("think", "plain")
 
 
 # --------------------------------------------------------------------------- benchmark files
@@ -95,7 +102,7 @@ class Graded:
     """The answer as parsed (math: math-verify's string form; mc: the letter); None if none."""
     correct: bool
     marker_found: bool
-    """Whether the response wrote the answer marker (else its tail was graded)."""
+    """Whether the response wrote the answer marker."""
 
 
 def split_answer(response: str, answer_marker: str, tail_chars: int = 300) -> tuple[str, bool]:
@@ -175,16 +182,25 @@ def extract_choice(answer_text: str, n_choices: int = 4) -> str | None:
 
 
 def grade(response: str, reference: str, kind: str, answer_marker: str, tail_chars: int = 300,
-          n_choices: int = 4) -> Graded:
-    """Grade one response (`kind` 'math' or 'mc')."""
+          n_choices: int = 4, missing_marker: str = "wrong", prompt: str = "think") -> Graded:
+    """Grade one response (`kind` 'math' or 'mc') to a `prompt` 'think' (s1 format: graded after
+    the answer marker; without it per `missing_marker`) or 'plain' (the whole response)."""
+    if kind not in ("math", "mc"):
+        raise ValueError(f"unknown benchmark kind {kind!r} (expected 'math' or 'mc')")
+    if missing_marker not in MISSING_MARKER:
+        raise ValueError(f"missing_marker must be one of {', '.join(MISSING_MARKER)}, got {missing_marker!r}")
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
     text, found = split_answer(response, answer_marker, tail_chars)
+    if prompt == "plain":
+        text = response.strip()[-MAX_ANSWER_CHARS:]
+    elif not found and missing_marker == "wrong":
+        return Graded(extracted=None, correct=False, marker_found=False)
     if kind == "math":
         extracted, ok = grade_math(text, reference)
     elif kind == "mc":
         extracted = extract_choice(text, n_choices)
         ok = extracted is not None and extracted == reference.strip().upper()
-    else:
-        raise ValueError(f"unknown benchmark kind {kind!r} (expected 'math' or 'mc')")
     return Graded(extracted=extracted, correct=bool(ok), marker_found=found)
 
 
@@ -192,13 +208,18 @@ SAMPLE_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "e
                   "marker_found", "n_tokens", "finished", "backend", "lora_mode", "answer"]
 
 
-def grade_samples(generated: pd.DataFrame, answer_marker: str, tail_chars: int = 300) -> pd.DataFrame:
-    """Grade generated rows (response, answer, kind, n_choices, ...) -> SAMPLE_COLUMNS.
+def grade_samples(generated: pd.DataFrame, answer_marker: str, tail_chars: int = 300,
+                  missing_marker: str = "wrong") -> pd.DataFrame:
+    """Grade generated rows (response, answer, kind, n_choices, [prompt], ...) -> SAMPLE_COLUMNS.
 
-    Call it from the main thread: math-verify's parse/verify timeouts use SIGALRM.
+    `prompt` ('think' | 'plain') says how each row was prompted (see `grade`); without the
+    column every row is 'think'. Call it from the main thread: math-verify's parse/verify
+    timeouts use SIGALRM.
     """
-    graded = [grade(r.response, r.answer, r.kind, answer_marker, tail_chars, int(r.n_choices) or 4)
-              for r in generated.itertuples(index=False)]
+    prompts = generated["prompt"] if "prompt" in generated.columns else ["think"] * len(generated)
+    graded = [grade(r.response, r.answer, r.kind, answer_marker, tail_chars, int(r.n_choices) or 4,
+                    missing_marker, p)
+              for r, p in zip(generated.itertuples(index=False), prompts)]
     out = generated.copy()
     out["extracted"] = [g.extracted for g in graded]
     out["correct"] = [g.correct for g in graded]
@@ -274,13 +295,33 @@ def _lookup(summary: pd.DataFrame) -> dict[tuple[str, str], tuple[float, float]]
     return {(r.variant, r.benchmark): (float(r.pass1), float(r.stderr)) for r in summary.itertuples()}
 
 
+def marker_rates(summary: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """(variant, benchmark) -> share of responses that reached the answer marker, from a
+    summary's `marker_rate`; left out for a 'plain' prompt (`prompt` column: no marker is
+    expected there) and when the summary has no `marker_rate`."""
+    if "marker_rate" not in summary.columns:
+        return {}
+    plain = summary["prompt"].astype(str) == "plain" if "prompt" in summary.columns else [False] * len(summary)
+    return {(str(v), str(b)): float(m) for v, b, m, p in zip(summary["variant"], summary["benchmark"],
+                                                            summary["marker_rate"], plain)
+            if not p and m == m and m is not None}
+
+
+def marker_cell(rates: list[float | None]) -> str:
+    """Table 1's marker column: each variant's rate as a percentage, ' / ' between, '—' if none."""
+    return " / ".join("—" if r is None or r != r else f"{100 * r:.1f}%" for r in rates)
+
+
 def table1(summary: pd.DataFrame, benchmarks: list[str] | None = None) -> pd.DataFrame:
     """Table 1 for any set of benchmarks: base, lora, full (pass@1 and stderr) and recovery.
 
     `recovery` is a float (NaN when undefined) and `recovery_text` the printed form
-    ('86.36%' or 'undefined'). A variant that was not evaluated shows as NaN.
+    ('86.36%' or 'undefined'). A variant that was not evaluated shows as NaN. With a
+    `marker_rate` in the summary: `<variant>_marker_rate`, the share of its responses that
+    reached the answer marker (NaN for a plain-prompted variant: no marker expected).
     """
     get = _lookup(summary)
+    marks = marker_rates(summary)
     benches = benchmarks or sorted(summary["benchmark"].unique())
     rows = []
     nan = (float("nan"), float("nan"))
@@ -290,18 +331,37 @@ def table1(summary: pd.DataFrame, benchmarks: list[str] | None = None) -> pd.Dat
         rows.append({"benchmark": b, "base": pb, "base_stderr": sb, "lora": pl, "lora_stderr": sl,
                      "full": pf, "full_stderr": sf, "recovery": float("nan") if rec is None else rec,
                      "recovery_text": _pct(rec)})
+        if marks:
+            rows[-1].update({f"{v}_marker_rate": marks.get((v, b), float("nan")) for v in ("base", "lora", "full")})
     return pd.DataFrame(rows)
 
 
+VARIANT_LABELS = {"base": "base", "lora": "LoRA", "full": "full"}
+
+
 def table1_markdown(t: pd.DataFrame) -> str:
-    lines = ["| Benchmark | Base | Rank-1 LoRA | Full fine-tune | % Recovery |",
-             "|---|---|---|---|---|"]
-    for r in t.itertuples():
-        lines.append(f"| {r.benchmark} | {_score(r.base, r.base_stderr)} | {_score(r.lora, r.lora_stderr)} | "
-                     f"{_score(r.full, r.full_stderr)} | {r.recovery_text} |")
+    """Table 1 in Markdown; with `<variant>_marker_rate` columns, a last column giving the share
+    of each variant's responses that reached the answer marker (plain-prompted ones left out)."""
+    from rank1_core.report.tables import md_escape
+
+    marked = [v for v in ("base", "lora", "full")
+              if f"{v}_marker_rate" in t.columns and t[f"{v}_marker_rate"].notna().any()]
+    head = "| Benchmark | Base | Rank-1 LoRA | Full fine-tune | % Recovery |"
+    if marked:
+        head += f" Answer marker reached ({' / '.join(VARIANT_LABELS[v] for v in marked)}) |"
+    lines = [head, "|---" * (5 + bool(marked)) + "|"]
+    for r in t.to_dict("records"):
+        line = (f"| {md_escape(r['benchmark'])} | {_score(r['base'], r['base_stderr'])} | {_score(r['lora'], r['lora_stderr'])} | "
+                f"{_score(r['full'], r['full_stderr'])} | {r['recovery_text']} |")
+        if marked:
+            line += f" {marker_cell([r[f'{v}_marker_rate'] for v in marked])} |"
+        lines.append(line)
     lines.append("")
     lines.append("pass@1 ± standard error over problems. % Recovery = (LoRA - base) / (full - base); "
                  "undefined when the full fine-tune does not beat the base.")
+    if marked:
+        lines.append("Answer marker reached: share of the responses to the s1-format prompt that wrote the answer "
+                     "marker; the others are graded per evaluate.missing_marker (default: wrong).")
     return "\n".join(lines) + "\n"
 
 
@@ -330,10 +390,12 @@ def table2(summary: pd.DataFrame, groups: list[str], benchmarks: list[str] | Non
 
 
 def table2_markdown(t: pd.DataFrame, groups: list[str]) -> str:
-    head = ["Benchmark", "Base", "Full LoRA"] + [f"LoRA ({g}-ablated)" for g in groups]
+    from rank1_core.report.tables import md_escape
+
+    head = ["Benchmark", "Base", "Full LoRA"] + [f"LoRA ({md_escape(g)}-ablated)" for g in groups]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t.to_dict("records"):
-        cells = [r["benchmark"], _score(r["base"]), r["lora_text"]] + [r[f"{g}_text"] for g in groups]
+        cells = [md_escape(r["benchmark"]), _score(r["base"]), r["lora_text"]] + [r[f"{g}_text"] for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("pass@1 with (x - base) / (LoRA - base) in parentheses (Full LoRA = 100%); "

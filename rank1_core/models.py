@@ -21,13 +21,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from rank1_core.config import ModelConfig, TinyModelConfig
+from rank1_core.rundir import atomic_dir
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
@@ -85,21 +84,14 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _build_once(dest: Path, build) -> Path:
-    """Build a model directory into a temp dir and rename it into place (atomic, locked)."""
+    """Build a model directory into a temp dir and rename it into place (`atomic_dir`, locked)."""
     if (dest / "config.json").exists():
         return dest
     with _file_lock(dest.with_name(dest.name + ".lock")):
         if (dest / "config.json").exists():
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(dest) as tmp:
             build(tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -248,6 +240,9 @@ def _hub_snapshot(repo: str, revision: str | None) -> Path:
 def torch_dtype(name: str):
     import torch
 
+    if name == "auto":  # the config loader resolves every `auto` (rank1_core/device.py)
+        raise ValueError("dtype 'auto' reached the model loader unresolved: load configs with "
+                         "rank1_core.config.load_config / config_from_dict, which resolve it")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -265,6 +260,9 @@ def load_model(model_dir: str | Path, dtype: str = "float32", adapter: str | Pat
     """A causal LM from a local directory, with a peft adapter on top when given."""
     from transformers import AutoModelForCausalLM
 
+    from rank1_core.device import check_dtype_on_device
+
+    check_dtype_on_device(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
     model.to(device)
     if adapter is not None:
@@ -311,3 +309,28 @@ def meta_model(cfg: ModelConfig):
     hf = hf_config_for(cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf)
+
+
+# --------------------------------------------------------------------------- decoder lookup
+
+
+class DecoderNotFound(ValueError):
+    """The model is not a decoder-only LM of the Llama / Qwen2 / Mistral shape rank1 hooks."""
+
+
+def decoder(model):
+    """(causal LM, its decoder) of a peft-wrapped or plain model: the module that holds
+    `.layers` (`<CausalLM>.<base_model_prefix>`, e.g. `model.model`). The one place rank1 looks."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(lm, "base_model_prefix", "model")
+    dec = getattr(lm, prefix, None)
+    if dec is None and hasattr(lm, "get_decoder"):
+        dec = lm.get_decoder()
+    if dec is None or not hasattr(dec, "layers"):
+        raise DecoderNotFound(f"{type(lm).__name__}: cannot find its decoder layers (expected .{prefix}.layers)")
+    return lm, dec
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a peft-wrapped or plain causal LM, in order."""
+    return list(decoder(model)[1].layers)

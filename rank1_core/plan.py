@@ -11,14 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rank1_core.config import Config
-
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-MODULES = ATTN_MODULES + MLP_MODULES
-
-
-def module_kind(module: str) -> str:
-    return "mlp" if module in MLP_MODULES else "attn"
+from rank1_core.lora import MODULES, module_kind
 
 
 @dataclass
@@ -39,6 +32,10 @@ class Plan:
     store_bytes_adapter_fp16: int
     store_bytes_neurons_fp16: int
     gpu_memory_gb: float = 80.0
+    modules: tuple[str, ...] = MODULES
+    layers_adapted: list[int] | None = None
+    """None: every layer."""
+    adapter_path: str | None = None
     memory_gb: dict[str, float] = field(default_factory=dict)
     hours: dict[str, float] = field(default_factory=dict)
 
@@ -53,8 +50,11 @@ class Plan:
             f"shape            {self.layers} layers, hidden {self.hidden_size}, intermediate "
             f"{self.intermediate_size}, vocab {self.vocab_size}",
             f"base parameters  {self.base_params:,}",
-            f"adapter          rank {self.rank} on {', '.join(MODULES)} of every layer",
-            f"components       {self.components} = {self.mlp_components} MLP + {self.attn_components} attention",
+            f"adapter          rank {self.rank} on {', '.join(self.modules)} of "
+            f"{'every layer' if self.layers_adapted is None else f'layers {self.layers_adapted}'}"
+            + (f" (from {self.adapter_path})" if self.adapter_path else ""),
+            f"components       {self.components} = {self.mlp_components} MLP + {self.attn_components} attention"
+            + (f" ({self.rank} directions per module)" if self.rank > 1 else ""),
             f"trainable        {self.lora_params:,} parameters = {100 * self.trainable_fraction:.4f}% of the base",
             f"activation store {self.tokens:,} tokens x {self.components} components = "
             f"{self.store_bytes_adapter_fp16 / gb:.2f} GB fp16 (+ {self.mlp_neurons} neurons x "
@@ -72,9 +72,10 @@ def lora_shapes(model) -> list[tuple[int, str, int, int]]:
     """(layer, module, in_features, out_features) of every adaptable linear, from module shapes."""
     import torch.nn as nn
 
+    from rank1_core.models import decoder_layers
+
     out = []
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(decoder_layers(model)):
         for name, mod in layer.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if leaf in MODULES and isinstance(mod, nn.Linear):
@@ -82,12 +83,24 @@ def lora_shapes(model) -> list[tuple[int, str, int, int]]:
     return out
 
 
-def make_plan(cfg: Config, rank: int = 1, modules: tuple[str, ...] = MODULES) -> Plan:
+def make_plan(cfg: Config, rank: int | None = None, modules: tuple[str, ...] | None = None) -> Plan:
+    """The plan of `cfg`'s adapter: `train.adapter_path`'s when set (rank, modules and layers read
+    from its files and checked against the model), else `train.lora`'s; `rank` / `modules` override."""
+    from rank1_core.lora import read_external_adapter
     from rank1_core.models import meta_model
 
+    lora, layers, path = cfg.train.lora, cfg.train.lora.layers, cfg.train.adapter_path
+    r, mods = lora.r, tuple(m for m in MODULES if m in lora.target_modules)
+    if path:
+        spec = read_external_adapter(path, cfg.model)
+        r, mods, layers = spec.rank, tuple(spec.modules), spec.layers
+    rank = r if rank is None else rank
+    modules = mods if modules is None else modules
     model = meta_model(cfg.model)
     hf = model.config
-    shapes = [s for s in lora_shapes(model) if s[1] in modules]
+    if layers is not None and sorted(layers) == list(range(hf.num_hidden_layers)):
+        layers = None
+    shapes = [s for s in lora_shapes(model) if s[1] in modules and (layers is None or s[0] in layers)]
     base_params = sum(p.numel() for p in model.parameters())
     lora_params = sum(rank * (fin + fout) for _, _, fin, fout in shapes)
     n_mlp = sum(1 for s in shapes if module_kind(s[1]) == "mlp")
@@ -99,7 +112,8 @@ def make_plan(cfg: Config, rank: int = 1, modules: tuple[str, ...] = MODULES) ->
         lora_params=lora_params, rank=rank, tokens=tokens, mlp_neurons=cfg.plan.mlp_neurons,
         store_bytes_adapter_fp16=tokens * len(shapes) * rank * 2,
         store_bytes_neurons_fp16=tokens * cfg.plan.mlp_neurons * hf.num_hidden_layers * 2,
-        gpu_memory_gb=cfg.plan.gpu_memory_gb,
+        gpu_memory_gb=cfg.plan.gpu_memory_gb, modules=tuple(modules),
+        layers_adapted=None if layers is None else sorted(layers), adapter_path=path,
     )
     gb = 1024 ** 3
     gpus = max(cfg.plan.gpus_per_node, 1)

@@ -9,6 +9,13 @@ config hash). A stage whose `_SUCCESS` holds the current hash is done and is ski
 stage without it is partial and its folder is cleared before it runs again, so a crash never
 leaves duplicated output behind.
 
+A finished stage is never cleared to be redone: its new outputs are built beside it, in
+`<run>/.staging/<stage>/`, and replace it only once they are complete (`_SUCCESS` written).
+A rerun that fails (bad input, a crash, a kill) leaves the finished stage as it was, still
+done; a resumable stage picks its staging folder up again on the next run with the same
+config. Every file is written to a temporary name and renamed into place (`atomic_output`;
+whole folders: `atomic_dir`).
+
 The run directory is a local path or any pyarrow filesystem URI (s3://, gs://, file://,
 hdfs://), because on a cluster every node must see it. All I/O goes through
 `pyarrow.fs`; libraries that need a local path (torch, transformers) use `local_copy()` /
@@ -24,10 +31,11 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -36,6 +44,10 @@ from rank1_core import __version__
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+STAGING = ".staging"
+"""Folder of a run holding the stages being rebuilt beside their finished outputs."""
+TMP_PREFIX = ".tmp-"
+"""Temporary files are `<folder>/.tmp-<random>-<name>` until renamed onto `<name>`."""
 
 
 class StageNotDone(RuntimeError):
@@ -48,6 +60,93 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str, before_rename=None) -> Iterator[IO[bytes]]:
+    """A binary stream to a temporary name beside `path`, renamed onto `path` when the block
+    ends without error (and removed when it fails): readers see the old file or the whole new
+    one, never a torn one. The one way rank1 writes a file (local or any pyarrow filesystem;
+    object stores publish a PUT whole, so the rename there is a copy of a complete object)."""
+    folder, base = path.rsplit("/", 1) if "/" in path else (".", path)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{base}"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            yield out
+        if before_rename is not None:  # a test hook: the file is complete, not yet in place
+            before_rename()
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with atomic_output(fs, path) as out:
+        out.write(data)
+
+
+def write_parquet_atomic(fs: pafs.FileSystem, path: str, table, **write_options) -> None:
+    """`pq.write_table(table, ...)` through `atomic_output` (options pass on)."""
+    import pyarrow.parquet as pq
+
+    with atomic_output(fs, path) as out:
+        pq.write_table(table, out, **write_options)
+
+
+@contextmanager
+def atomic_local_path(path: str | Path) -> Iterator[Path]:
+    """For libraries that want a file name (savefig, torch.save, to_csv, save_file): a
+    temporary local path beside `path` (same suffix), renamed onto `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """A local text file, written whole or not at all."""
+    with atomic_local_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A local folder written whole or not at all: yields an empty temporary folder beside
+    `path` (`.tmp-<random>-<name>`), renamed onto `path` when the block ends without error and
+    removed when it fails. An existing `path` is replaced: moved aside, the new folder renamed
+    in, the old one removed (readers see the old folder or the whole new one, never a mix).
+    For outputs that are folders (a saved model, an adapter, an export)."""
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=f"-{path.name}", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f"{TMP_PREFIX}old-{uuid.uuid4().hex[:8]}-{path.name}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def code_version() -> str:
@@ -73,6 +172,8 @@ class StageDir:
 
     run: "RunDir"
     name: str
+    folder: str | None = None
+    """Folder inside the run when it is not `name` (a stage being rebuilt: `.staging/<name>`)."""
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -80,7 +181,11 @@ class StageDir:
 
     @property
     def root(self) -> str:
-        return f"{self.run.root}/{self.name}"
+        return f"{self.run.root}/{self.folder or self.name}"
+
+    def staging(self) -> "StageDir":
+        """Where this stage's new outputs are built while its finished ones stay in place."""
+        return StageDir(self.run, self.name, f"{STAGING}/{self.name}")
 
     @property
     def uri(self) -> str:
@@ -140,18 +245,12 @@ class StageDir:
     # ---- small files -------------------------------------------------------------------
 
     def write_text(self, rel: str, text: str) -> None:
-        """Write atomically where the filesystem allows (local: temp file + rename)."""
-        p = self.path(rel)
-        parent = p.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, p)
-        else:
-            with self.fs.open_output_stream(p) as f:
-                f.write(text.encode())
+        """Write atomically (temp file + rename, `atomic_output`)."""
+        write_bytes_atomic(self.fs, self.path(rel), text.encode())
+
+    def write_parquet(self, rel: str, table, **write_options) -> None:
+        """A Parquet file of this stage, written atomically (`write_parquet_atomic`)."""
+        write_parquet_atomic(self.fs, self.path(rel), table, **write_options)
 
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -209,12 +308,22 @@ class RunDir:
         return StageDir(self, name)
 
     def status(self) -> dict[str, str]:
+        """{stage: "done" | "partial"}: done when its folder holds `_SUCCESS` (a rerun being
+        built in `.staging/` does not change that); partial when started and not finished."""
         out = {}
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
-            if info.type == pafs.FileType.Directory:
+            if info.type == pafs.FileType.Directory and not info.base_name.startswith("."):
                 st = self.stage(info.base_name)
                 out[info.base_name] = "done" if st.is_done() else "partial"
+        for name in self.rebuilding():
+            out.setdefault(name, "partial")
         return out
+
+    def rebuilding(self) -> list[str]:
+        """Stages with a rerun under way (or failed) in `.staging/`, beside their outputs."""
+        sel = pafs.FileSelector(f"{self.root}/{STAGING}", allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory and not i.base_name.endswith(".old"))
 
 
 @dataclass
@@ -252,30 +361,79 @@ def chained_hash(own: str, upstream: list[StageDir]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Rename a folder (one rename on local disks; a copy then delete where the filesystem
+    cannot rename folders, as object stores)."""
+    try:
+        fs.move(src, dst)
+    except (OSError, NotImplementedError):
+        if isinstance(fs, pafs.LocalFileSystem):
+            raise
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+
+
+def _old_path(stage: StageDir) -> str:
+    return f"{stage.run.root}/{STAGING}/{stage.name}.old"
+
+
+def _settle(stage: StageDir) -> None:
+    """Finish a publish that a crash cut between its renames (old moved away, new not yet in
+    place), and drop the replaced outputs it left behind."""
+    new, old = stage.staging(), _old_path(stage)
+    if not stage.exists() and new.is_done():
+        _move_dir(stage.fs, new.root, stage.root)
+    if stage.is_done() and stage.fs.get_file_info(old).type != pafs.FileType.NotFound:
+        stage.fs.delete_dir(old)
+
+
+def _publish(new: StageDir, stage: StageDir) -> None:
+    """Replace the stage's folder by its finished rebuild: two renames, then the old is dropped."""
+    fs, old = stage.fs, _old_path(stage)
+    if fs.get_file_info(old).type != pafs.FileType.NotFound:
+        fs.delete_dir(old)
+    if stage.exists():
+        _move_dir(fs, stage.root, old)
+    _move_dir(fs, new.root, stage.root)
+    if fs.get_file_info(old).type != pafs.FileType.NotFound:
+        fs.delete_dir(old)
+
+
 def run_stage(stage: StageDir, config_hash: str, config_yaml: str, body, *, force: bool = False,
               resumable: bool = False, log=print) -> dict:
     """Run `body(StageRun)` unless the stage is done with this hash; write manifest + marker.
 
-    A partial stage is cleared first, unless `resumable` (the stage keeps checkpoints and
-    resumes from them; it must then make its own outputs idempotent) and the partial
-    folder was started with the same config hash. Returns the manifest (the existing one
-    when skipped).
+    A stage that is not done runs in its own folder, cleared first unless `resumable` (the
+    stage keeps checkpoints and resumes from them; it must then make its own outputs
+    idempotent) and the partial folder was started with the same config hash. A stage that
+    is done (with another hash, or `force`) is rebuilt in `stage.staging()` and replaces the
+    finished folder only when the body has succeeded: a failed rerun leaves it done.
+    `body` writes to `sr.stage`, which is the folder being built. Returns the manifest (the
+    existing one when skipped).
     """
+    _settle(stage)
     if not force and stage.is_done(config_hash):
         log(f"[{stage.name}] done already (config {config_hash}); skipping. Use --force to redo.")
         return stage.manifest()
-    if stage.exists(SUCCESS):
-        log(f"[{stage.name}] config changed (was {stage.done_hash()}, now {config_hash}); redoing")
-    partial_hash = stage.read_text(".started").strip() if stage.exists(".started") else None
-    if resumable and not force and not stage.exists(SUCCESS) and partial_hash == config_hash:
-        log(f"[{stage.name}] resuming a partial run (config {config_hash})")
-        if stage.exists(MANIFEST):
-            stage.fs.delete_file(stage.path(MANIFEST))
+    if stage.is_done():
+        if stage.done_hash() != config_hash:
+            log(f"[{stage.name}] config changed (was {stage.done_hash()}, now {config_hash}); redoing "
+                f"beside the finished outputs, which stay until the new ones are complete")
+        work = stage.staging()
     else:
-        stage.clear()
-    stage.write_text(".started", config_hash + "\n")
-    stage.write_text(CONFIG, config_yaml)
-    sr = StageRun(stage=stage, config_hash=config_hash)
+        work = stage
+        if stage.staging().exists():  # a rebuild of a stage that is no longer done: stale
+            stage.fs.delete_dir(stage.staging().root)
+    partial_hash = work.read_text(".started").strip() if work.exists(".started") else None
+    if resumable and not force and not work.exists(SUCCESS) and partial_hash == config_hash:
+        log(f"[{stage.name}] resuming a partial run (config {config_hash})")
+        if work.exists(MANIFEST):
+            work.fs.delete_file(work.path(MANIFEST))
+    else:
+        work.clear()
+    work.write_text(".started", config_hash + "\n")
+    work.write_text(CONFIG, config_yaml)
+    sr = StageRun(stage=work, config_hash=config_hash)
     started = time.time()
     t0 = time.perf_counter()
     body(sr)
@@ -292,7 +450,9 @@ def run_stage(stage: StageDir, config_hash: str, config_yaml: str, body, *, forc
         "timings": sr.timings,
         **({"extra": sr.extra} if sr.extra else {}),
     }
-    stage.write_json(MANIFEST, manifest)
-    stage.write_text(SUCCESS, config_hash + "\n")  # last: marks the stage complete
+    work.write_json(MANIFEST, manifest)
+    work.write_text(SUCCESS, config_hash + "\n")  # last: marks the stage complete
+    if work is not stage:
+        _publish(work, stage)
     log(f"[{stage.name}] finished in {manifest['seconds']:.1f}s; rows {sr.rows}")
     return manifest

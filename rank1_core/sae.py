@@ -23,7 +23,9 @@ Pieces (no ray here; `ray_jobs/sae.py` wires them into Ray Data and Ray Train):
   `fit_normalization`, `ColumnCollate`, `iter_activation_batches` (pyarrow streaming with
   a shuffle buffer; the Ray path streams with Ray Data instead and uses the same collate);
 - model: `BatchTopKSAE` (`encode`, `decode`, `forward`, `train_forward`, `save`, `load`);
-- training: `SAETrainer` (one optimizer step at a time, checkpointable), `run_training`;
+- training: `SAETrainer` (the objective `rank1_core.harness` trains: one optimizer step per
+  batch, checkpointable), `BatchSteps` (batches as the harness's steps), `run_training`, `job`
+  (the stage's training in one Ray Train worker);
 - encoding: `encode_batches` (every token, sparse rows of live latents, `EncodeStats`),
   `write_outputs`; `train_local` runs the whole stage without Ray.
 """
@@ -46,7 +48,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from rank1_core import harness
 from rank1_core.config import SAEConfig
+from rank1_core.rundir import atomic_local_path, write_bytes_atomic, write_parquet_atomic
 
 FORMAT_VERSION = 1
 ID_COLUMNS = ("doc_id", "pos", "token_id")
@@ -54,6 +58,7 @@ FEATURE_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()),
                             ("feature", pa.int32()), ("value", pa.float32())])
 METRIC_COLUMNS = ("step", "tokens", "loss", "mse", "aux_loss", "fvu", "l0", "dead_fraction",
                   "lr", "threshold")
+"""Columns of metrics.parquet (tokens: trained on so far)."""
 
 
 class SAEInputError(ValueError):
@@ -487,10 +492,8 @@ class BatchTopKSAE(nn.Module):
         fs = _fs(fs)
         fs.create_dir(directory, recursive=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with fs.open_output_stream(f"{directory}/sae.safetensors") as f:
-            f.write(st_save(tensors))
-        with fs.open_output_stream(f"{directory}/cfg.json") as f:
-            f.write((json.dumps(self.cfg_dict(extra), indent=2) + "\n").encode())
+        write_bytes_atomic(fs, f"{directory}/sae.safetensors", st_save(tensors))
+        write_bytes_atomic(fs, f"{directory}/cfg.json", (json.dumps(self.cfg_dict(extra), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, directory: str, fs: Optional[pafs.FileSystem] = None) -> "BatchTopKSAE":
@@ -519,13 +522,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _comm_device() -> torch.device:
-    """Where collective tensors must live: the GPU for nccl, else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     """Linear warm-up over `warmup` steps, constant, linear decay to 0 over the last
     `decay_frac` of `total` steps (`step` counts from 0)."""
@@ -537,98 +533,129 @@ def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
 
 
 class SAETrainer:
-    """Adam steps on a `BatchTopKSAE`, dead-latent tracking, the inference threshold and a
-    per-step metrics log. With torch.distributed initialised (several Ray Train workers),
-    gradients are averaged and the threshold / firing record are reduced across workers,
-    so every worker holds the same model."""
+    """Adam steps on a `BatchTopKSAE`, dead-latent tracking and the inference threshold: the
+    objective `rank1_core.harness` trains (see there for the protocol; one micro-batch per
+    step). With torch.distributed initialised (several Ray Train workers), gradients are
+    averaged and the threshold / firing record are reduced across workers, so every worker
+    holds the same model."""
+
+    name = "sae"
+    sharded_checkpoint = False
 
     def __init__(self, sae: BatchTopKSAE, cfg: SAEConfig, total_steps: int, device: str = "cpu"):
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        self.rank, self.world_size = _world()
         self.device = torch.device(device)
         self.sae.to(self.device)
         self.aux_k = cfg.aux_k or max(1, sae.d_in // 2)
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-        self.step = 0
+        self.steps = 0
+        """Optimizer steps done (the learning-rate schedule's position)."""
         self.tokens = 0
+        """Tokens trained on, all workers."""
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=self.device)
-        self.metrics: list[dict] = []
+        self._last: Optional[tuple[ForwardOutput, int]] = None
 
     def dead_mask(self) -> torch.Tensor:
         return self.since_fired >= self.cfg.dead_tokens
 
-    def train_step(self, x: torch.Tensor) -> dict:
-        cfg, sae = self.cfg, self.sae
-        rank, world = _world()
+    @property
+    def lr(self) -> float:
+        cfg = self.cfg
+        return cfg.lr * lr_factor(self.steps, self.total_steps, cfg.warmup_steps, cfg.decay_frac)
+
+    def micro_step(self, x: torch.Tensor, last: bool = True) -> torch.Tensor:
+        """Forward and backward of one batch: tensor [loss, mse, aux_loss, fvu, l0]."""
         x = x.to(self.device, torch.float32)
-        x_n = sae.normalize(x)
-        dead = self.dead_mask()
-        out = sae.train_forward(x_n, dead, self.aux_k, cfg.aux_coef)
+        out = self.sae.train_forward(self.sae.normalize(x), self.dead_mask(), self.aux_k, self.cfg.aux_coef)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        self._last = (out, len(x))
+        with torch.no_grad():
+            on = out.values > 0
+            return torch.stack([out.loss.detach(), out.mse.detach(), out.aux_loss.detach(), out.fvu,
+                                on.sum().float() / len(x)])
+
+    def step(self) -> float:
+        """The optimizer step, then the firing record and the threshold from the batch's
+        BatchTopK (its k x B kept entries only). The gradient norm is not measured: nan."""
+        cfg, sae = self.cfg, self.sae
+        out, n = self._last
+        world = self.world_size
         if world > 1:
             for p in sae.parameters():
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= world
         sae.remove_parallel_grads()
-        lr = cfg.lr * lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_frac)
+        lr = self.lr
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
         sae.renorm_decoder()
 
         with torch.no_grad():
-            # firing record, smallest kept activation and L0 from the k x B kept entries only
             on = out.values > 0
             fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=self.device)
             fired[out.indices[on] % sae.d_sae] = True
             pos = out.values[on]
             min_pos = pos.min() if pos.numel() else torch.tensor(float("inf"), device=self.device)
-            stats = torch.stack([out.loss.detach(), out.mse.detach(), out.aux_loss.detach(), out.fvu,
-                                 on.sum().float() / len(x)])
             if world > 1:
                 fired_i = fired.to(torch.int32)
                 dist.all_reduce(fired_i, op=dist.ReduceOp.MAX)
                 fired = fired_i.bool()
                 dist.all_reduce(min_pos, op=dist.ReduceOp.MIN)
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-                stats /= world
-            n_tokens = len(x) * world
+            n_tokens = n * world
             self.since_fired += n_tokens
             self.since_fired[fired] = 0
             sae.update_threshold(float(min_pos), cfg.threshold_ema)
-        self.step += 1
+        self.steps += 1
         self.tokens += n_tokens
-        s = stats.tolist()
-        m = {"step": self.step, "tokens": self.tokens, "loss": s[0], "mse": s[1], "aux_loss": s[2],
-             "fvu": s[3], "l0": s[4], "dead_fraction": float(self.dead_mask().float().mean()),
-             "lr": lr, "threshold": float(sae.threshold)}
-        self.metrics.append(m)
-        return m
+        self._last = None
+        return float("nan")
+
+    def row(self, totals: list[float], count: float) -> dict:
+        loss, mse, aux, fvu, l0 = (t / count for t in totals)
+        return {"tokens": self.tokens, "loss": loss, "mse": mse, "aux_loss": aux, "fvu": fvu, "l0": l0,
+                "dead_fraction": float(self.dead_mask().float().mean()), "threshold": float(self.sae.threshold)}
+
+    def evaluate(self) -> None:
+        return None
+
+    def describe(self, row: dict) -> str:
+        return f"sae loss {row['loss']:.4f} fvu {row['fvu']:.3f}"
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One optimizer step on one batch outside the harness (tests, benchmarks): its metrics."""
+        stats = self.micro_step(x)
+        lr = self.lr
+        self.step()
+        return {"step": self.steps, "lr": lr, **self.row(stats.tolist(), 1.0)}
 
     def state_dict(self) -> dict:
         return {"sae": {k: v.cpu() for k, v in self.sae.state_dict().items()}, "opt": self.opt.state_dict(),
-                "step": self.step, "tokens": self.tokens, "since_fired": self.since_fired.cpu(),
-                "metrics": list(self.metrics), "total_steps": self.total_steps}
+                "step": self.steps, "tokens": self.tokens, "since_fired": self.since_fired.cpu(),
+                "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.steps, self.tokens = int(state["step"]), int(state["tokens"])
         self.since_fired = state["since_fired"].to(self.device)
-        self.metrics = list(state["metrics"])
 
-    def save_checkpoint(self, directory: str) -> None:
-        """A checkpoint folder: trainer state plus a loadable SAE (`cfg.json`, `sae.safetensors`)."""
-        torch.save(self.state_dict(), f"{directory}/trainer.pt")
-        self.sae.save(directory, extra={"step": self.step, "tokens": self.tokens})
+    def save(self, d) -> None:
+        """A checkpoint folder (rank 0 writes): trainer state plus a loadable SAE (`cfg.json`,
+        `sae.safetensors`)."""
+        if self.rank == 0:
+            with atomic_local_path(f"{d}/trainer.pt") as tmp:
+                torch.save(self.state_dict(), tmp)
+            self.export(d)
 
-    def load_checkpoint(self, directory: str) -> None:
-        self.load_state_dict(torch.load(f"{directory}/trainer.pt", map_location="cpu", weights_only=False))
+    def load(self, d) -> None:
+        self.load_state_dict(torch.load(f"{d}/trainer.pt", map_location="cpu", weights_only=False))
 
-    def metrics_table(self) -> pa.Table:
-        return pa.table({c: [m[c] for m in self.metrics] for c in METRIC_COLUMNS},
-                        schema=pa.schema([(c, pa.int64() if c in ("step", "tokens") else pa.float64())
-                                          for c in METRIC_COLUMNS]))
+    def export(self, d) -> None:
+        if self.rank == 0:
+            self.sae.save(str(d), extra={"step": self.steps, "tokens": self.tokens})
 
 
 def steps_per_epoch(n_tokens: int, batch_size: int, world: int = 1) -> int:
@@ -654,27 +681,44 @@ def plan_steps(cfg: SAEConfig, n_tokens: int, shard_tokens: Optional[list[int]] 
     return spe, total
 
 
-def run_training(trainer: SAETrainer, epoch_batches: Callable[[int], Iterable[dict]], spe: int,
-                 on_step: Optional[Callable[[SAETrainer, dict], None]] = None) -> None:
-    """Train until `trainer.total_steps`, resuming mid-epoch from `trainer.step`:
-    `epoch_batches(epoch)` must give the same batches for the same epoch every time."""
-    while trainer.step < trainer.total_steps:
-        epoch = trainer.step // spe
-        skip = trainer.step - epoch * spe
-        seen = 0
-        for i, batch in enumerate(epoch_batches(epoch)):
-            if i < skip:
-                continue
-            if i >= spe or trainer.step >= trainer.total_steps:
-                break
-            m = trainer.train_step(batch["x"])
-            seen = i + 1
-            if on_step is not None:
-                on_step(trainer, m)
-        else:
-            if seen < spe and trainer.step < trainer.total_steps:
-                raise SAEInputError(f"epoch {epoch} gave {seen} batches, expected {spe}: "
+@dataclass
+class BatchSteps:
+    """Activation batches as the harness's step source: one batch (a dict with "x") per
+    optimizer step, `spe` steps per epoch. `epoch_batches(epoch)` must give the same batches
+    for the same epoch every time: a resumed run skips those its checkpoint has done."""
+
+    epoch_batches: Callable[[int], Iterable[dict]]
+    spe: int
+
+    def epoch(self, epoch: int, start: int) -> tuple[int, Iterator[list[harness.Micro]]]:
+        def steps() -> Iterator[list[harness.Micro]]:
+            seen = 0
+            for i, batch in enumerate(self.epoch_batches(epoch)):
+                if i >= self.spe:
+                    return
+                seen = i + 1
+                if i >= start:
+                    yield [harness.Micro(batch["x"], len(batch["x"]))]
+            if seen < self.spe:
+                raise SAEInputError(f"epoch {epoch} gave {seen} batches, expected {self.spe}: "
                                     "the activation data changed while training")
+
+        return self.spe, steps()
+
+
+def run_training(trainer: SAETrainer, epoch_batches: Callable[[int], Iterable[dict]], spe: int,
+                 state: Optional[harness.TrainState] = None, *,
+                 report: Callable[[dict, harness.TrainState, bool], None] = lambda m, s, c: None,
+                 progress: Optional[Callable[..., Any]] = None) -> harness.TrainState:
+    """`rank1_core.harness.train` over `trainer` until `trainer.total_steps`, one batch of
+    `epoch_batches(epoch)` per step (see `BatchSteps`); resumes mid-epoch from `state`."""
+    return harness.train(trainer, BatchSteps(epoch_batches, spe), plan(trainer, spe), state, report=report,
+                         progress=progress, name=trainer.name)
+
+
+def plan(trainer: SAETrainer, spe: int) -> harness.Plan:
+    """Epochs of `spe` steps until `trainer.total_steps`; a checkpoint every sae.checkpoint_every."""
+    return harness.Plan(-(-trainer.total_steps // spe), trainer.total_steps, trainer.cfg.checkpoint_every)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -726,7 +770,7 @@ class EncodeStats:
             return
         vec = np.concatenate([[self.tokens, self.sse_n, self.sse_raw, self.rows_written], self.count,
                               self.act_sum, self.sum_n, self.sq_n, self.sum_raw, self.sq_raw]).astype(np.float64)
-        dev = _comm_device()
+        dev = harness.comm_device()
         t = torch.from_numpy(vec).to(dev)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         mx = torch.from_numpy(self.act_max.copy()).to(dev)
@@ -797,8 +841,7 @@ class FeatureWriter:
             return
         path = f"{self.dir}/part-{self.tag}-{len(self.files):05d}.parquet"
         tab = pa.concat_tables(self.pending)
-        with self.fs.open_output_stream(path) as f:
-            pq.write_table(tab, f)
+        write_parquet_atomic(self.fs, path, tab)
         self.files.append(path)
         self.rows += tab.num_rows
         self.pending, self.pending_rows = [], 0
@@ -855,28 +898,77 @@ def latents_table(sae: BatchTopKSAE, stats: EncodeStats, dead_in_training: np.nd
     return pa.table(cols)
 
 
-def write_outputs(fs: Optional[pafs.FileSystem], stage_path: str, sae: BatchTopKSAE, trainer: SAETrainer,
+def write_outputs(fs: Optional[pafs.FileSystem], stage_path: str, sae: BatchTopKSAE, state: harness.TrainState,
                   stats: EncodeStats, dead_in_training: np.ndarray, kinds: Optional[list[str]],
                   cfg: SAEConfig, norm: Normalization) -> dict:
-    """cfg.json + sae.safetensors, metrics.parquet, latents.parquet, summary.json; returns the summary."""
+    """cfg.json + sae.safetensors, latents.parquet, summary.json; returns the summary (the
+    metrics are `harness.write_state`'s)."""
     fs = _fs(fs)
-    sae.save(stage_path, fs, extra={"step": trainer.step, "tokens": trainer.tokens,
+    sae.save(stage_path, fs, extra={"step": state.step, "tokens": state.tokens,
                                     "norm_tokens": norm.tokens, "sae_config": asdict(cfg)})
-    with fs.open_output_stream(f"{stage_path}/metrics.parquet") as f:
-        pq.write_table(trainer.metrics_table(), f)
     lat = latents_table(sae, stats, dead_in_training, kinds)
-    with fs.open_output_stream(f"{stage_path}/latents.parquet") as f:
-        pq.write_table(lat, f)
+    write_parquet_atomic(fs, f"{stage_path}/latents.parquet", lat)
     live = np.asarray(lat.column("live").to_pylist(), dtype=bool)
     summary = stats.summary(live)
-    last = trainer.metrics[-1] if trainer.metrics else {}
-    summary.update({"train_steps": trainer.step, "train_tokens": trainer.tokens,
+    last = state.history[-1] if state.history else {}
+    summary.update({"train_steps": state.step, "train_tokens": state.tokens,
                     "dead_in_training": int(dead_in_training.sum()),
                     "final_train_loss": last.get("loss"), "final_train_fvu": last.get("fvu"),
                     "threshold": float(sae.threshold), "d_in": sae.d_in, "k": sae.k})
-    with fs.open_output_stream(f"{stage_path}/summary.json") as f:
-        f.write((json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomic(fs, f"{stage_path}/summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def job(args: dict, rank: int, world: int, device) -> harness.Job:
+    """The sae stage's training in one worker, for `ray_jobs/harness.py`. `args`: sae (the
+    section as a dict), columns, kinds, files, norm, seed, total_steps, steps_per_epoch,
+    run_uri; with sae.loader ray_data, shards["train"] (this worker's Ray Data shard). The
+    finish encodes every token of this worker's files into `features/` (files dealt out by
+    rank: Ray Train's equal split would drop rows); rank 0 writes the SAE, latents and summary."""
+    import pyarrow.fs as pafs
+
+    from rank1_core.rundir import resolve_filesystem
+
+    cfg = SAEConfig(**args["sae"])
+    columns, seed = args["columns"], args["seed"]
+    norm = Normalization.from_dict(args["norm"])
+    sae = BatchTopKSAE.from_config(cfg, columns, seed=seed)
+    sae.set_normalization(norm)
+    trainer = SAETrainer(sae, cfg, args["total_steps"], device=str(device))
+    fs, _ = resolve_filesystem(args["run_uri"])
+    mine = args["files"][rank::world]  # this worker's files (pyarrow loader, and encoding)
+    if cfg.loader == "ray_data":
+        shard = args["shards"]["train"]
+        collate = ColumnCollate(columns)
+        shuffle = cfg.shuffle_buffer > 0
+
+        def epoch_batches(epoch: int):
+            return shard.iter_torch_batches(
+                batch_size=cfg.batch_size // world, collate_fn=collate, drop_last=True,
+                local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size // world) if shuffle else None,
+                local_shuffle_seed=seed * 1000 + epoch if shuffle else None)
+    else:
+        def epoch_batches(epoch: int):
+            return iter_activation_batches(fs, mine, columns, cfg.batch_size // world,
+                                           shuffle_buffer=cfg.shuffle_buffer, seed=(seed, epoch, rank),
+                                           drop_last=True)
+
+    spe = args["steps_per_epoch"]
+
+    def finish(stage, state: harness.TrainState) -> None:
+        dead = trainer.dead_mask().cpu().numpy()
+        features = stage.path("features")
+        writer = FeatureWriter(stage.fs, features, tag=f"r{rank:03d}")
+        for info in stage.fs.get_file_info(pafs.FileSelector(features, allow_not_found=True)):
+            if info.base_name.startswith(f"part-r{rank:03d}-"):
+                stage.fs.delete_file(info.path)
+        stats = encode_batches(sae, iter_activation_batches(fs, mine, columns, cfg.encode_batch_size), ~dead, writer)
+        stats.all_reduce()
+        if rank == 0:
+            write_outputs(stage.fs, stage.path(), sae, state, stats, dead, args["kinds"], cfg, norm)
+
+    return harness.Job(trainer, BatchSteps(epoch_batches, spe), plan(trainer, spe), METRIC_COLUMNS, finish=finish,
+                       bar=False)
 
 
 # --------------------------------------------------------------------------- whole stage, no Ray
@@ -922,8 +1014,7 @@ class StageInputs:
 
 def train_local(cfg: SAEConfig, inputs: StageInputs, out_path: str, seed: int = 0,
                 out_fs: Optional[pafs.FileSystem] = None,
-                trainer_state: Optional[dict] = None,
-                on_step: Optional[Callable[[SAETrainer, dict], None]] = None) -> dict:
+                report: Callable[[dict, harness.TrainState, bool], None] = lambda m, s, c: None) -> dict:
     """The sae stage in one process with pyarrow streaming (tests, benchmarks, laptops):
     fit the normalisation, train, encode every token, write every output under `out_path`."""
     out_fs = _fs(out_fs)
@@ -932,11 +1023,10 @@ def train_local(cfg: SAEConfig, inputs: StageInputs, out_path: str, seed: int = 
     sae.set_normalization(norm)
     spe, total = plan_steps(cfg, inputs.tokens)
     trainer = SAETrainer(sae, cfg, total)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
-    run_training(trainer, lambda ep: inputs.batches(cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                                                    seed=(seed, ep, 0), drop_last=True), spe, on_step)
+    state = run_training(trainer, lambda ep: inputs.batches(cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                                                            seed=(seed, ep, 0), drop_last=True), spe, report=report)
     dead = trainer.dead_mask().cpu().numpy()
     writer = FeatureWriter(out_fs, f"{out_path}/features")
     stats = encode_batches(sae, inputs.batches(cfg.encode_batch_size), ~dead, writer)
-    return write_outputs(out_fs, out_path, sae, trainer, stats, dead, inputs.kinds, cfg, norm)
+    harness.write_state(out_fs, out_path, state, METRIC_COLUMNS)
+    return write_outputs(out_fs, out_path, sae, state, stats, dead, inputs.kinds, cfg, norm)

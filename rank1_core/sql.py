@@ -61,6 +61,14 @@ VIEWS: dict[str, tuple[str, str]] = {
     "transcoder_hesitation": ("transcoder_extract", "hesitation_features.parquet"),
     "transcoder_eval_samples": ("transcoder_eval", "samples.parquet"),
     "transcoder_eval_summary": ("transcoder_eval", "summary.parquet"),
+    # concepts (ground truth)
+    "concept_labels": ("concepts", "labels.parquet"),
+    "concept_catalogue": ("concepts", "catalogue.parquet"),
+    "concept_scores": ("concepts", "scores.parquet"),
+    "concept_features": ("concepts", "features.parquet"),
+    "concept_summary": ("concepts", "summary.parquet"),
+    "concept_best": ("concepts", "best.parquet"),
+    "concept_explanations": ("concepts", "explanations.parquet"),
     # steer
     "steer_results": ("steer", "results.parquet"),
     "steer_samples": ("steer", "samples.parquet"),

@@ -58,9 +58,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from rank1_core.ablation import MODULES as MODULES_ORDER
-from rank1_core.ablation import component_name, lora_components, parse_component
+from rank1_core.ablation import hooked_modules, lora_components
 from rank1_core.config import ConfigError
+from rank1_core.lexicon import count_words, word_pattern, word_start_pattern
+from rank1_core.lora import canonical, component_name, parse_component  # noqa: F401
+from rank1_core.lora import component_sort_key as component_order  # noqa: F401
+from rank1_core.models import decoder as _find_decoder
+from rank1_core.rundir import atomic_local_path
 
 MODES = ("scale", "set", "add")
 KINDS = ("component", "sae", "random", "none")
@@ -71,17 +75,6 @@ SAMPLE_COLUMNS = ["condition", "benchmark", "problem_id", "response", "n_tokens"
 class SteerError(ConfigError):
     """A steering target or input is wrong (unknown component, dead feature, missing stage);
     the message names which and what exists."""
-
-
-def component_order(name: str) -> tuple[int, int]:
-    """Sort key: layer, then module in the canonical order (q, k, v, o, gate, up, down)."""
-    layer, module = parse_component(name)
-    return layer, MODULES_ORDER.index(module)
-
-
-def canonical(name: str) -> str:
-    """`L3_q_proj`, `L003_q_proj` -> `L03_q_proj` (the names hooks and results use)."""
-    return component_name(*parse_component(name))
 
 
 # --------------------------------------------------------------------------- conditions
@@ -234,11 +227,10 @@ def state_norm(cond: Condition) -> float:
 
 def _decoder(model):
     """The decoder module (`<CausalLM>.<base_model_prefix>`) under a peft or plain model."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dec = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
-    if dec is None or not hasattr(dec, "layers"):
-        raise SteerError(f"{type(lm).__name__}: cannot find its decoder (expected .{lm.base_model_prefix}.layers)")
-    return lm, dec
+    try:
+        return _find_decoder(model)
+    except ValueError as e:
+        raise SteerError(str(e)) from None
 
 
 class SteeringHooks:
@@ -265,7 +257,7 @@ class SteeringHooks:
         if missing:
             raise SteerError(f"condition {cond.id!r} steers {missing[0]!r}, which the adapter does not have "
                              f"(it has {len(comps)} components, {next(iter(comps))}..{next(reversed(comps))})")
-        self._modules = {c: comps[c] for c in touched}
+        self._modules = hooked_modules(comps, touched)
 
     def _pre(self, module, args, kwargs):
         import torch
@@ -286,12 +278,18 @@ class SteeringHooks:
             start = self.prompt_width + self.cond.after
             self._gate = (torch.arange(seen, seen + t) >= start).view(1, t, 1)
 
-    def _hook(self, name: str):
-        a = float(self.cond.scale.get(name, 1.0))
-        b = float(self.cond.shift.get(name, 0.0))
+    def _hook(self, names: list[str]):
+        if len(names) == 1:  # rank 1: one scalar per token
+            a = float(self.cond.scale.get(names[0], 1.0))
+            b = float(self.cond.shift.get(names[0], 0.0))
+        else:  # rank r: one (scale, shift) per direction, in row order
+            import torch
+
+            a = torch.tensor([float(self.cond.scale.get(n, 1.0)) for n in names])
+            b = torch.tensor([float(self.cond.shift.get(n, 0.0)) for n in names])
 
         def hook(module, inputs, out):
-            new = out * a + b
+            new = out * a + b if len(names) == 1 else out * a.to(out) + b.to(out)
             if self._gate is None:
                 return new
             import torch
@@ -304,8 +302,8 @@ class SteeringHooks:
         _, dec = _decoder(self.model)
         try:
             self._handles.append(dec.register_forward_pre_hook(self._pre, with_kwargs=True))
-            for name, mod in self._modules.items():
-                self._handles.append(mod.register_forward_hook(self._hook(name)))
+            for mod, names in self._modules:
+                self._handles.append(mod.register_forward_hook(self._hook(names)))
         except BaseException:
             self.close()
             raise
@@ -325,7 +323,7 @@ def hook_count(model) -> int:
     """Forward (pre-)hooks on the decoder and every lora_A module (0 when nothing is steered)."""
     _, dec = _decoder(model)
     n = len(dec._forward_pre_hooks) + len(dec._forward_hooks)
-    for mod in lora_components(model).values():
+    for mod in {id(m): m for m in lora_components(model).values()}.values():
         n += len(mod._forward_hooks) + len(mod._forward_pre_hooks)
     return n
 
@@ -334,17 +332,13 @@ def hook_count(model) -> int:
 
 
 def hesitation_pattern(words: Iterable[str]) -> re.Pattern:
-    """Whole-word, case-sensitive match of any hesitation word ("Wait" counts in "Wait," and
-    " Wait", not in "Waiting" or "await")."""
-    words = sorted({w for w in words}, key=len, reverse=True)
-    if not words:
-        raise ValueError("no hesitation words")
-    return re.compile(r"(?<![A-Za-z0-9_])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z0-9_])")
+    """Any hesitation word, whole-word and case-insensitive: the one rule of
+    `rank1_core.lexicon` ("Wait" counts in "Wait," and " wait.", not in "Waiting" or "await")."""
+    return word_pattern(words)
 
 
 def count_hesitations(text: str, words: Iterable[str] | re.Pattern) -> int:
-    pat = words if isinstance(words, re.Pattern) else hesitation_pattern(words)
-    return len(pat.findall(text))
+    return count_words(text, words)
 
 
 @dataclass
@@ -387,7 +381,8 @@ def teacher_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
 
 
 def _hidden(decoder, tb: TeacherBatch):
-    return decoder(input_ids=tb.ids, attention_mask=tb.attn, position_ids=tb.position_ids,
+    dev = next(decoder.parameters()).device  # the layout is built on the CPU; the model may be on cuda
+    return decoder(input_ids=tb.ids.to(dev), attention_mask=tb.attn.to(dev), position_ids=tb.position_ids.to(dev),
                    use_cache=False).last_hidden_state
 
 
@@ -450,6 +445,8 @@ class WorkerSpec:
     threads: int = 0
     answer_marker: str = "<|im_start|>answer"
     tail_chars: int = 300
+    missing_marker: str = "wrong"
+    """A response without the answer marker: 'wrong' or 'grade_tail' (rank1_core.grading.grade)."""
     hesitation_tokens: list[str] = field(default_factory=lambda: ["Wait", "Hmm"])
     ref_cache_mb: int = 1024
     """Unsteered log-probabilities kept per batch of prompts (every condition of a batch
@@ -541,7 +538,7 @@ class SteerWorker:
                 responses, kls = None, [(0.0, 0.0, 0)] * len(part)
             for k, (it, c) in enumerate(zip(part, outs)):
                 g = grade(c.text, str(it["answer"]), it["kind"], self.spec.answer_marker, self.spec.tail_chars,
-                          int(it.get("n_choices") or 0) or 4)
+                          int(it.get("n_choices") or 0) or 4, self.spec.missing_marker)
                 rows.append({"condition": cond.id, "benchmark": it["benchmark"], "problem_id": str(it["problem_id"]),
                              "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished,
                              "correct": g.correct, "marker_found": g.marker_found,
@@ -571,18 +568,14 @@ class SteerWorker:
 # --------------------------------------------------------------------------- targets
 
 
-_WORD_START = "(?![A-Za-z0-9_])"
-
-
 def hesitation_contexts(contexts, source: str, words: Iterable[str], offsets: Iterable[int], sign: str = "pos"):
     """Per feature of `source`: how many of its top `sign` contexts have a hesitation word
-    starting at one of `offsets` from the hit token. DataFrame feature, n_contexts,
+    starting at one of `offsets` from the hit token (case-insensitive, as `rank1_core.lexicon`). DataFrame feature, n_contexts,
     n_hesitation, hesitation_value (sum of those contexts' values), sorted strongest first
     (most hesitation contexts, then the larger summed value)."""
     import pandas as pd
 
-    start = re.compile(r"(?:" + "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
-                       + r")" + _WORD_START)
+    start = word_start_pattern(words)
     offsets = sorted(set(int(o) for o in offsets))
     df = contexts[(contexts["source"] == source) & (contexts["sign"] == sign)]
     rows = {}
@@ -771,7 +764,9 @@ def plot_target(results, target: str, path: str | Path, dpi: int = 110, title_ex
                  f"n = {int(own['n'].iloc[0])} prompts{title_extra}", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_local_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from rank1_core import sql as S
 from rank1_core.config import TopkConfig
-from rank1_core.rundir import RunDir, StageDir
+from rank1_core.rundir import RunDir, StageDir, atomic_output
 
 SOURCES = ("adapter", "neuron", "sae", "transcoder")
 
@@ -214,11 +214,11 @@ def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool
             raise TopkError("no feature source to rank (no adapter activations, neurons or SAE features)")
         res.sources = [s.name for s in sources]
         params = {"before": cfg.window_before, "after": cfg.window_after}
-        ctx_writer = pq.ParquetWriter(stage.path("contexts.parquet"), CONTEXTS_SCHEMA, filesystem=stage.fs,
-                                      compression="zstd")
-        stats_writer = pq.ParquetWriter(stage.path("stats.parquet"), STATS_SCHEMA, filesystem=stage.fs,
-                                        compression="zstd")
-        try:
+        # both files are streamed to temporary names and renamed when complete (atomic_output)
+        with atomic_output(stage.fs, stage.path("contexts.parquet")) as ctx_out, \
+                atomic_output(stage.fs, stage.path("stats.parquet")) as stats_out, \
+                pq.ParquetWriter(ctx_out, CONTEXTS_SCHEMA, compression="zstd") as ctx_writer, \
+                pq.ParquetWriter(stats_out, STATS_SCHEMA, compression="zstd") as stats_writer:
             for src in sources:
                 t0 = time.perf_counter()
                 con.execute("CREATE OR REPLACE TABLE acc_summary (feature VARCHAR, doc_id BIGINT, n BIGINT, "
@@ -254,9 +254,6 @@ def run_topk(run: RunDir | str, stage: StageDir, cfg: TopkConfig, sae_done: bool
                 res.rows[f"features:{src.name}"] = n_stats
                 log(f"[topk] {src.name}: {n_stats} features, {n_ctx} contexts "
                     f"({time.perf_counter() - t0:.1f}s)")
-        finally:
-            ctx_writer.close()
-            stats_writer.close()
         res.rows["tokens"] = int(n_tokens)
         con.close()
     finally:

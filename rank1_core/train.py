@@ -11,9 +11,11 @@ workers, the tests and the benchmark call them directly.
   accumulation slots), so gradient accumulation and data parallelism give the same gradient
   as one big batch.
 - `Engine`: one interface over the three strategies: plain torch (one process), DDP, and
-  DeepSpeed ZeRO-2/3. It does forward/backward, the optimizer step, checkpoints and the
-  final export (peft adapter or Hugging Face model directory).
-- `train_loop`: epochs, steps, held-out loss, metrics; resumable from a `TrainState`.
+  DeepSpeed ZeRO-2/3; the objective `rank1_core.harness` trains (forward/backward, the
+  optimizer step, the held-out loss, checkpoints and the final export: peft adapter or
+  Hugging Face model directory).
+- `DocSteps`: the token traces as the harness's step source (the transcoder trains on it too);
+  `train_loop`: the harness over an engine; `job`: the whole stage's training for a worker.
 """
 
 from __future__ import annotations
@@ -22,24 +24,23 @@ import contextlib
 import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from rank1_core import harness
 from rank1_core.config import TrainConfig
+from rank1_core.rundir import atomic_dir, atomic_local_path
+from rank1_core.harness import (STATE_FILE, Micro, Plan, TorchOptimizer, TrainError, TrainState,  # noqa: F401
+                                load_checkpoint, save_checkpoint)
 
 MODES = ("lora", "full")
-STATE_FILE = "train_state.json"
 ENGINE_FILE = "engine.pt"
 DS_TAG = "ds"
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class TrainError(RuntimeError):
-    """Training cannot proceed (too little data for the layout, a broken checkpoint, ...)."""
+METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "heldout_loss", "wall")
 
 
 # --------------------------------------------------------------------------- settings
@@ -151,9 +152,49 @@ def plan_steps(microbatches: list[list[int]], world_size: int, grad_accum: int) 
     return [microbatches[k * per_step:(k + 1) * per_step] for k in range(n)]
 
 
-def epoch_steps(docs: list[Doc], cfg: TrainConfig, seed: int, epoch: int, world_size: int) -> list[list[list[int]]]:
-    mbs = plan_microbatches([d.n for d in docs], cfg.batch_tokens, seed, epoch)
-    return plan_steps(mbs, world_size, cfg.grad_accum)
+class DocBatch(NamedTuple):
+    """One micro-batch of traces (see `collate`), on the CPU."""
+
+    input_ids: object
+    attention_mask: object
+    labels: object
+    step_loss_tokens: int
+    """Loss tokens of the whole optimizer step (all workers, all accumulation slots)."""
+
+
+@dataclass
+class DocSteps:
+    """Token traces as a step source of `rank1_core.harness`: per epoch, micro-batches under
+    `batch_tokens` shuffled from (seed, epoch) (`plan_microbatches`), dealt to `world`
+    workers and `grad_accum` accumulation slots (`plan_steps`); worker `rank` collates its own."""
+
+    docs: list[Doc]
+    batch_tokens: int
+    grad_accum: int
+    seed: int
+    pad_id: int
+    rank: int = 0
+    world: int = 1
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        mbs = plan_microbatches([d.n for d in self.docs], self.batch_tokens, self.seed, epoch)
+        return plan_steps(mbs, self.world, self.grad_accum)
+
+    def total(self, epochs: int, max_steps: int = 0) -> int:
+        """Optimizer steps of `epochs` epochs, at most `max_steps` (0: no limit)."""
+        n = sum(len(self.plan(e)) for e in range(epochs))
+        return min(n, max_steps) if max_steps else n
+
+    def epoch(self, epoch: int, start: int) -> tuple[int, Iterator[list[Micro]]]:
+        steps = self.plan(epoch)
+
+        def micros() -> Iterator[list[Micro]]:
+            for mbs in steps[start:]:
+                loss_tokens = sum(self.docs[i].loss_tokens for mb in mbs for i in mb)
+                yield [Micro(DocBatch(*collate([self.docs[i] for i in mb], self.pad_id), loss_tokens),
+                             sum(self.docs[i].n for i in mb)) for mb in mbs[self.rank::self.world]]
+
+        return len(steps), micros()
 
 
 def collate(docs: Sequence[Doc], pad_id: int):
@@ -251,10 +292,15 @@ def build_model(model_dir: str | Path, cfg: TrainConfig, mode: str, num_layers: 
 
     from rank1_core.lora import peft_lora_config
 
+    if cfg.precision == "auto":  # resolved by the config loader (rank1_core/device.py)
+        raise ValueError("train.precision 'auto' reached the trainer unresolved: load the config with "
+                         "rank1_core.config.load_config / config_from_dict")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     hf_ds = None
     if zero3_config is not None:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rank1" / "torch_extensions"))
+        from rank1_core.device import set_torch_extensions_dir
+
+        set_torch_extensions_dir()  # per CPU kind: DeepSpeed builds its ops -march=native
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -313,18 +359,14 @@ def deepspeed_config(cfg: TrainConfig, strategy: str, world_size: int) -> dict:
     return ds
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 class Engine:
-    """Model + optimizer + schedule of one worker, for one strategy.
+    """Model + optimizer + schedule of one worker, for one strategy: the objective of
+    `rank1_core.harness` (see there for the protocol).
 
     `micro_step` runs forward and backward of one micro-batch; `step` applies the optimizer
     after the last micro-batch of an optimizer step. `save`/`load` write and read this
     worker's part of a checkpoint; `export` writes the adapter or model (rank 0 writes).
+    `evaluate` measures the held-out loss on the traces given to `use_heldout`.
     """
 
     sharded_checkpoint = False
@@ -336,6 +378,38 @@ class Engine:
         self.base = loss_model(model)
         self.total_steps = total_steps
         self._autocast_on = cfg.precision == "bf16_autocast"
+        self.heldout: list[Doc] = []
+        self.pad_id = 0
+        self.tokenizer = None
+        """Saved beside an exported full model."""
+
+    @property
+    def name(self) -> str:
+        return f"train[{self.st.mode}]"
+
+    def use_heldout(self, docs: list[Doc], pad_id: int) -> None:
+        self.heldout, self.pad_id = docs, pad_id
+
+    def evaluate(self) -> dict:
+        return {"heldout_loss": heldout_loss(self, self.heldout, self.cfg, self.pad_id)}
+
+    def row(self, totals: list[float], count: float) -> dict:
+        s, n = totals
+        return {"loss": s / max(n, 1.0), "heldout_loss": float("nan")}
+
+    def describe(self, row: dict) -> str:
+        return f"{self.name} loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tok/s"
+
+    def micro_step(self, batch: DocBatch, last: bool):
+        """Forward and backward of one micro-batch: tensor [loss sum, labelled positions]. The
+        loss is scaled by workers / the step's loss tokens, so accumulation and data
+        parallelism give the gradient of one big batch."""
+        import torch
+
+        dev = self.device()
+        s, n = self._micro_step([t.to(dev) for t in batch[:3]], self.world_size / max(batch.step_loss_tokens, 1),
+                                last)
+        return torch.tensor([s, float(n)], dtype=torch.float64)
 
     def autocast(self):
         import torch
@@ -368,7 +442,7 @@ class Engine:
         return self.wrapped(ids, att, labels)
 
 
-class TorchEngine(Engine):
+class TorchEngine(TorchOptimizer, Engine):
     """One process, or DDP when a torch.distributed group of more than one rank exists."""
 
     def __init__(self, model, cfg, st, total_steps, rank, world_size, device="cpu"):
@@ -376,43 +450,20 @@ class TorchEngine(Engine):
 
         super().__init__(model, cfg, st, total_steps, rank, world_size)
         self.base.to(device)
-        self.wrapped = self.base
-        if _dist() is not None and world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            kw = {"device_ids": [torch.device(device).index or 0]} if str(device).startswith("cuda") else {}
-            self.wrapped = DistributedDataParallel(self.base, **kw)
+        self.wrapped = harness.ddp(self.base, world_size, device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=st.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total_steps, cfg.warmup_ratio, cfg.lr_schedule))
         self.params = params
+        self.max_grad_norm = cfg.max_grad_norm
 
-    def micro_step(self, batch, scale: float, last: bool) -> tuple[float, int]:
+    def _micro_step(self, batch, scale: float, last: bool) -> tuple[float, int]:
         ids, att, labels = batch
-        sync = contextlib.nullcontext()
-        if not last and hasattr(self.wrapped, "no_sync"):
-            sync = self.wrapped.no_sync()
-        with sync:
+        with harness.grad_sync(self.wrapped, last):
             with self.autocast():
                 s, n = self.wrapped(ids, att, labels)
             (s * scale).backward()
         return float(s.detach()), int(n)
-
-    def step(self) -> float:
-        import torch
-
-        if self.cfg.max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        else:
-            norm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])))
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return norm
-
-    @property
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
 
     def save(self, d: Path) -> None:
         import torch
@@ -420,8 +471,9 @@ class TorchEngine(Engine):
         if self.rank != 0:
             return
         trainable = {n: p.detach().cpu() for n, p in self.trainable().items()}
-        torch.save({"trainable": trainable, "optimizer": self.opt.state_dict(),
-                    "scheduler": self.sched.state_dict()}, d / ENGINE_FILE)
+        with atomic_local_path(d / ENGINE_FILE) as tmp:
+            torch.save({"trainable": trainable, "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict()}, tmp)
 
     def load(self, d: Path) -> None:
         import torch
@@ -441,10 +493,10 @@ class TorchEngine(Engine):
         self.opt.load_state_dict(blob["optimizer"])
         self.sched.load_state_dict(blob["scheduler"])
 
-    def export(self, out: Path, tokenizer=None) -> None:
+    def export(self, out: Path) -> None:
         if self.rank != 0:
             return
-        _save_export(self.module, self.st.mode, out, tokenizer)
+        _save_export(self.module, self.st.mode, out, self.tokenizer)
 
 
 class DeepSpeedEngine(Engine):
@@ -456,7 +508,9 @@ class DeepSpeedEngine(Engine):
         import torch
 
         super().__init__(model, cfg, st, total_steps, rank, world_size)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rank1" / "torch_extensions"))
+        from rank1_core.device import set_torch_extensions_dir
+
+        set_torch_extensions_dir()  # per CPU kind: DeepSpeed builds its ops -march=native
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg, st.strategy, world_size)
@@ -471,7 +525,7 @@ class DeepSpeedEngine(Engine):
         self._deepspeed = deepspeed
         self.wrapped = self.engine
 
-    def micro_step(self, batch, scale: float, last: bool) -> tuple[float, int]:
+    def _micro_step(self, batch, scale: float, last: bool) -> tuple[float, int]:
         ids, att, labels = batch
         with self.autocast():
             s, n = self.engine(ids, att, labels)
@@ -497,24 +551,23 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise TrainError(f"DeepSpeed could not load the checkpoint in {d}")
 
-    def export(self, out: Path, tokenizer=None) -> None:
+    def export(self, out: Path) -> None:
         params = [p for n, p in self.module.named_parameters() if self.st.mode == "full" or "lora_" in n]
         gather = (self._deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                   if self.zero3 else contextlib.nullcontext())
         with gather:  # every rank takes part; rank 0 writes the full (not partitioned) weights
             if self.rank == 0:
-                _save_export(self.module, self.st.mode, out, tokenizer)
+                _save_export(self.module, self.st.mode, out, self.tokenizer)
 
 
 def _save_export(module, mode: str, out: Path, tokenizer) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if mode == "lora":
-        module.save_pretrained(str(out), safe_serialization=True)
-    else:
-        module.config.use_cache = True
-        module.save_pretrained(str(out), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
+    """The adapter (peft) or the full model (+ tokenizer) as a folder, in place whole or not at all."""
+    with atomic_dir(out) as tmp:
+        if mode != "lora":
+            module.config.use_cache = True
+        module.save_pretrained(str(tmp), safe_serialization=True)
+        if mode != "lora" and tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
 
 def make_engine(model, cfg: TrainConfig, st: Settings, total_steps: int, rank: int = 0, world_size: int = 1,
@@ -523,65 +576,7 @@ def make_engine(model, cfg: TrainConfig, st: Settings, total_steps: int, rank: i
     return cls(model, cfg, st, total_steps, rank, world_size, device=device)
 
 
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class TrainState:
-    """Where a run is; saved as JSON in every checkpoint."""
-
-    step: int = 0
-    """Optimizer steps done."""
-    epoch: int = 0
-    """Current epoch (0-based)."""
-    step_in_epoch: int = 0
-    """Steps of the current epoch done."""
-    tokens: int = 0
-    """Tokens (without padding) trained on so far, all workers."""
-    finished: bool = False
-    history: list[dict] = field(default_factory=list)
-    """One metrics row per step (and step 0 with the initial held-out loss)."""
-    resumed_from: list[int] = field(default_factory=list)
-    """Step of each checkpoint this run was resumed from."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        return cls(**json.loads(text))
-
-
-def save_checkpoint(engine: Engine, state: TrainState, d: Path) -> None:
-    """This worker's part of a checkpoint (rank 0 also writes the state)."""
-    d.mkdir(parents=True, exist_ok=True)
-    engine.save(d)
-    if engine.rank == 0:
-        (d / STATE_FILE).write_text(state.to_json())
-
-
-def load_checkpoint(engine: Engine, d: Path) -> TrainState:
-    f = d / STATE_FILE
-    if not f.exists():
-        raise TrainError(f"checkpoint {d} has no {STATE_FILE}")
-    state = TrainState.from_json(f.read_text())
-    if not state.finished:
-        engine.load(d)
-    return state
-
-
 # --------------------------------------------------------------------------- loop
-
-
-def _allreduce(values: list[float]) -> list[float]:
-    dist = _dist()
-    if dist is None:
-        return values
-    import torch
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def heldout_loss(engine: Engine, docs: list[Doc], cfg: TrainConfig, pad_id: int) -> float:
@@ -602,13 +597,12 @@ def heldout_loss(engine: Engine, docs: list[Doc], cfg: TrainConfig, pad_id: int)
                 s, n = s + ls, n + ln
     finally:
         engine.module.train()
-    s, n = _allreduce([s, n])
+    s, n = harness.all_reduce([s, n])
     return s / max(n, 1.0)
 
 
 def total_steps(docs: list[Doc], cfg: TrainConfig, st: Settings, seed: int, world_size: int) -> int:
-    n = sum(len(epoch_steps(docs, cfg, seed, e, world_size)) for e in range(st.epochs))
-    return min(n, cfg.max_steps) if cfg.max_steps else n
+    return DocSteps(docs, cfg.batch_tokens, cfg.grad_accum, seed, 0, 0, world_size).total(st.epochs, cfg.max_steps)
 
 
 def train_loop(engine: Engine, train_docs: list[Doc], heldout_docs: list[Doc], cfg: TrainConfig, st: Settings,
@@ -616,84 +610,46 @@ def train_loop(engine: Engine, train_docs: list[Doc], heldout_docs: list[Doc], c
                report: Callable[[dict, TrainState, bool], None] = lambda m, s, c: None,
                on_step_end: Callable[[TrainState], None] = lambda s: None,
                progress: Optional[Callable[..., object]] = None) -> TrainState:
-    """Train until the last epoch (or train.max_steps); return the final state.
+    """`rank1_core.harness.train` over `engine`: train until the last epoch (or
+    train.max_steps), measuring the held-out loss at the start, at the end of every epoch
+    (or every train.eval_every steps) and at the end; return the final state."""
+    engine.use_heldout(heldout_docs, pad_id)
+    source = DocSteps(train_docs, cfg.batch_tokens, cfg.grad_accum, seed, pad_id, engine.rank, engine.world_size)
+    return harness.train(engine, source, plan(cfg, st, source), state, report=report, on_step_end=on_step_end,
+                         progress=progress, name=engine.name)
 
-    `report(metrics, state, checkpoint)` is called once per step on every worker (and once
-    for the initial held-out loss); when `checkpoint` is true the caller saves a checkpoint
-    (`save_checkpoint`) of `state`. A run given the `state` of a checkpoint continues after
-    its last step with the same data order, so it ends with the same weights.
-    """
-    state = state or TrainState()
-    rank, w = engine.rank, engine.world_size
-    limit = total_steps(train_docs, cfg, st, seed, w)
-    dev = engine.device()
-    bar = None
-    if progress is not None and rank == 0:
-        bar = progress(total=limit, desc=f"train[{st.mode}]", unit="step")  # tqdm or Ray's tqdm_ray
-        if state.step:
-            bar.update(state.step)
 
-    def evaluate() -> float:
-        return heldout_loss(engine, heldout_docs, cfg, pad_id)
-
-    if state.step == 0 and not state.history:
-        h = evaluate()
-        row = {"step": 0, "epoch": 0.0, "loss": float("nan"), "lr": 0.0, "tokens": 0, "tokens_per_s": float("nan"),
-               "grad_norm": float("nan"), "heldout_loss": h, "wall": time.time()}
-        state.history.append(row)
-        report(row, state, False)
-
-    while state.epoch < st.epochs and state.step < limit:
-        steps = epoch_steps(train_docs, cfg, seed, state.epoch, w)
-        while state.step_in_epoch < len(steps) and state.step < limit:
-            mbs = steps[state.step_in_epoch]
-            mine = mbs[rank::w]
-            global_loss_tokens = sum(train_docs[i].loss_tokens for mb in mbs for i in mb)
-            scale = w / max(global_loss_tokens, 1)
-            t0 = time.perf_counter()
-            s = n = real = 0.0
-            for k, mb in enumerate(mine):
-                batch = [t.to(dev) for t in collate([train_docs[i] for i in mb], pad_id)]
-                ls, ln = engine.micro_step(batch, scale, last=k == len(mine) - 1)
-                s, n, real = s + ls, n + ln, real + int(batch[1].sum())
-            lr = engine.lr
-            norm = engine.step()
-            s, n, real = _allreduce([s, n, real])
-            dt = time.perf_counter() - t0
-            state.step += 1
-            state.step_in_epoch += 1
-            state.tokens += int(real)
-            epoch_done = state.step_in_epoch == len(steps)
-            last = state.step >= limit
-            row = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / len(steps),
-                   "loss": s / max(n, 1.0), "lr": lr, "tokens": int(real), "tokens_per_s": real / dt,
-                   "grad_norm": norm, "heldout_loss": float("nan"), "wall": time.time()}
-            if epoch_done or last or (cfg.eval_every and state.step % cfg.eval_every == 0):
-                row["heldout_loss"] = evaluate()
-            if epoch_done:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            state.history.append(row)
-            ckpt = (epoch_done or last) if not cfg.checkpoint_every else (state.step % cfg.checkpoint_every == 0 or last)
-            report(row, state, ckpt)
-            if bar is not None:
-                bar.set_description(f"train[{st.mode}] loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tok/s")
-                bar.update(1)
-            on_step_end(state)
-    if bar is not None:
-        bar.close()
-    state.finished = True
-    return state
+def plan(cfg: TrainConfig, st: Settings, source: DocSteps) -> Plan:
+    return Plan(st.epochs, source.total(st.epochs, cfg.max_steps), cfg.checkpoint_every, cfg.eval_every)
 
 
 def metrics_table(history: list[dict]):
     """Per-step metrics as an Arrow table (NaN held-out losses become nulls)."""
-    import pyarrow as pa
+    return harness.metrics_table(history, METRIC_COLUMNS)
 
-    cols = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "heldout_loss", "wall"]
-    data = {c: [r.get(c) for r in history] for c in cols}
-    for c in ("loss", "tokens_per_s", "grad_norm", "heldout_loss"):
-        data[c] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in data[c]]
-    schema = pa.schema([("step", pa.int64()), ("epoch", pa.float64()), ("loss", pa.float64()), ("lr", pa.float64()),
-                        ("tokens", pa.int64()), ("tokens_per_s", pa.float64()), ("grad_norm", pa.float64()),
-                        ("heldout_loss", pa.float64()), ("wall", pa.float64())])
-    return pa.Table.from_pydict(data, schema=schema)
+
+def job(args: dict, rank: int, world: int, device) -> harness.Job:
+    """The training of the `train` (mode lora) / `train_full` (mode full) stage in one worker,
+    for `ray_jobs/harness.py`. `args`: config (a dict), mode, model_dir, num_layers, tokens
+    (prepare's tokens URI). Its finish exports the adapter (`adapter/`) or the model with its
+    tokenizer (`model/`) into the stage folder."""
+    from rank1_core.config import config_from_dict
+    from rank1_core.models import load_tokenizer
+    from rank1_core.rundir import resolve_filesystem
+
+    cfg = config_from_dict(args["config"])
+    mode = args["mode"]
+    tc = for_mode(cfg.train, mode)
+    fs, path = resolve_filesystem(args["tokens"])
+    train_docs, held = load_docs(fs, path, "train"), load_docs(fs, path, "heldout")
+    tok = load_tokenizer(args["model_dir"])
+    st = settings(tc, mode)
+    zero3 = deepspeed_config(tc, st.strategy, world) if st.strategy == "deepspeed_zero3" else None
+    model = build_model(args["model_dir"], tc, mode, args["num_layers"], cfg.run.seed, zero3)
+    source = DocSteps(train_docs, tc.batch_tokens, tc.grad_accum, cfg.run.seed, tok.pad_token_id, rank, world)
+    p = plan(tc, st, source)
+    engine = make_engine(model, tc, st, p.limit, rank, world, device)
+    engine.use_heldout(held, tok.pad_token_id)
+    engine.tokenizer = tok
+    out = "adapter" if mode == "lora" else "model"
+    return harness.Job(engine, source, p, METRIC_COLUMNS, finish=lambda stage, state: harness.export(engine, stage, out))

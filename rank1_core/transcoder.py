@@ -30,7 +30,8 @@ Pieces (no `ray` here; `ray_jobs/transcoder*.py` wire them into Ray Train and Ra
 - `LayerAdapter`, `TranscoderAdapter` (`save`/`load`: `cfg.json` + `transcoder.safetensors`),
   `Installation` (forward hooks on a base model: enable/disable, record, ablate features);
 - `TranscoderObjective` (the loss of one micro-batch; DDP wraps it), `TranscoderTrainer`
-  (optimizer steps, checkpoints), `train_loop`;
+  (the objective `rank1_core.harness` trains: optimizer steps, checkpoints), `train_loop`,
+  `job` (the stage's training in one worker);
 - `faithfulness` (KL to the target with and without adapters, per-layer explained variance
   of the MLP difference, L0, agreement of the top token);
 - `FeatureEncoder` (every token's active latents as sparse rows; a Ray Data actor);
@@ -42,8 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,14 +57,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from rank1_core import harness, lexicon
 from rank1_core.config import TranscoderConfig
-from rank1_core.train import TrainState  # one checkpoint state for both training loops
+from rank1_core.harness import TrainState
+from rank1_core.rundir import atomic_local_path, write_bytes_atomic
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "transcoder_adapter"
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "transcoder.safetensors"
-STATE_FILE = "train_state.json"
 TRAINER_FILE = "trainer.pt"
 FEATURE_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()),
                             ("feature", pa.int32()), ("value", pa.float32())])
@@ -87,11 +87,13 @@ def feature_name(idx: int) -> str:
 
 def decoder_layers(model) -> list:
     """Decoder layers of a causal LM (Llama / Qwen2 / Mistral style), peft-wrapped or not."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dec = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
-    layers = getattr(dec, "layers", None)
-    if layers is None:
-        raise TranscoderError(f"{type(m).__name__}: cannot find its decoder layers (.model.layers)")
+    from rank1_core.models import decoder
+
+    try:
+        m, dec = decoder(model)
+    except ValueError as e:
+        raise TranscoderError(str(e)) from None
+    layers = dec.layers
     for i, layer in enumerate(layers):
         if not hasattr(layer, "mlp"):
             raise TranscoderError(f"{type(m).__name__}: decoder layer {i} has no .mlp")
@@ -246,10 +248,9 @@ class TranscoderAdapter(nn.Module):
         fs = fs or pafs.LocalFileSystem()
         fs.create_dir(directory, recursive=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with fs.open_output_stream(f"{directory}/{WEIGHTS_FILE}") as f:
-            f.write(st_save(tensors))
-        with fs.open_output_stream(f"{directory}/{CFG_FILE}") as f:
-            f.write((json.dumps(self.cfg_dict(extra), indent=2, default=str) + "\n").encode())
+        write_bytes_atomic(fs, f"{directory}/{WEIGHTS_FILE}", st_save(tensors))
+        write_bytes_atomic(fs, f"{directory}/{CFG_FILE}",
+                           (json.dumps(self.cfg_dict(extra), indent=2, default=str) + "\n").encode())
 
     @classmethod
     def load(cls, directory: str, fs: Optional[pafs.FileSystem] = None) -> "TranscoderAdapter":
@@ -443,8 +444,9 @@ def fit_layer_stats(model, inst: Installation, docs, pad_id: int, tokens: int, b
 
 
 def _decoder(model):
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return m.get_decoder()
+    from rank1_core.models import decoder
+
+    return decoder(model)[1]
 
 
 def _head(model):
@@ -556,165 +558,147 @@ class TranscoderObjective(nn.Module):
 # --------------------------------------------------------------------------- training
 
 
-def epoch_plan(docs, cfg: TranscoderConfig, seed: int, epoch: int, world: int) -> list[list[list[int]]]:
-    from rank1_core.train import plan_microbatches, plan_steps
+METRIC_COLUMNS = ("step", "epoch", *STAT_NAMES, "lr", "grad_norm", "tokens", "tokens_per_s", "wall")
 
-    mbs = plan_microbatches([d.n for d in docs], cfg.batch_tokens, seed, epoch)
-    return plan_steps(mbs, world, cfg.grad_accum)
+
+def doc_steps(docs, cfg: TranscoderConfig, seed: int, pad_id: int, rank: int = 0, world: int = 1):
+    """The training traces as the harness's step source (the same plan as the `train` stage)."""
+    from rank1_core.train import DocSteps
+
+    return DocSteps(docs, cfg.batch_tokens, cfg.grad_accum, seed, pad_id, rank, world)
 
 
 def total_steps(docs, cfg: TranscoderConfig, seed: int, world: int) -> int:
-    n = sum(len(epoch_plan(docs, cfg, seed, e, world)) for e in range(cfg.epochs))
-    return min(n, cfg.max_steps) if cfg.max_steps else n
+    return doc_steps(docs, cfg, seed, 0, 0, world).total(cfg.epochs, cfg.max_steps)
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-class TranscoderTrainer:
+class TranscoderTrainer(harness.TorchOptimizer):
     """Adam on the adapters of a `TranscoderObjective`, DDP-wrapped when a process group of
-    more than one rank exists; gradient accumulation, clipping, warm-up + decay."""
+    more than one rank exists; gradient accumulation, clipping, warm-up + decay. The objective
+    `rank1_core.harness` trains (see there for the protocol)."""
+
+    name = "transcoder"
+    sharded_checkpoint = False
 
     def __init__(self, objective: TranscoderObjective, cfg: TranscoderConfig, total: int, rank: int = 0,
                  world: int = 1, device="cpu"):
         from rank1_core.train import lr_lambda
 
-        self.obj, self.cfg, self.total, self.rank, self.world = objective, cfg, total, rank, world
+        self.obj, self.cfg, self.total, self.rank, self.world_size = objective, cfg, total, rank, world
         self.device = torch.device(device)
         objective.to(self.device)
         objective.target.to(self.device)
         objective.autocast(cfg.precision == "bf16_autocast")
         self.params = list(objective.adapter.parameters())
-        self.wrapped = objective
-        if _dist() is not None and world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            kw = {"device_ids": [self.device.index or 0]} if self.device.type == "cuda" else {}
-            self.wrapped = DistributedDataParallel(objective, **kw)
+        self.max_grad_norm = cfg.max_grad_norm
+        self.wrapped = harness.ddp(objective, world, self.device)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(total, cfg.warmup_ratio, cfg.lr_schedule))
 
     def micro_step(self, batch, last: bool) -> torch.Tensor:
-        import contextlib
-
-        sync = contextlib.nullcontext()
-        if not last and hasattr(self.wrapped, "no_sync"):
-            sync = self.wrapped.no_sync()
-        with sync:
-            loss, stats = self.wrapped(*batch)
+        """Forward and backward of one micro-batch (`rank1_core.train.DocBatch`); its
+        statistics in the order of STAT_NAMES."""
+        ids, att, labels = (t.to(self.device) for t in batch[:3])
+        with harness.grad_sync(self.wrapped, last):
+            loss, stats = self.wrapped(ids, att, labels)
             (loss / self.cfg.grad_accum).backward()
         return stats
 
-    def step(self) -> float:
-        if self.cfg.max_grad_norm > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        else:
-            norm = float(torch.norm(torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None])))
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return norm
+    def row(self, totals: list[float], count: float) -> dict:
+        """The statistics' means over the step's micro-batches (all workers)."""
+        return {k: v / count for k, v in zip(STAT_NAMES, totals)}
 
-    @property
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
+    def evaluate(self) -> None:
+        return None
 
-    def save(self, d: Path, state: TrainState) -> None:
-        """A checkpoint folder (rank 0 writes): trainer state plus a loadable adapter."""
+    def describe(self, row: dict) -> str:
+        return f"transcoder kl {row['kl']:.4f} fve {row['fve']:.3f}"
+
+    def save(self, d: Path) -> None:
+        """This checkpoint's trainer state plus a loadable adapter (rank 0 writes)."""
         if self.rank != 0:
             return
-        d.mkdir(parents=True, exist_ok=True)
-        torch.save({"adapter": {k: v.cpu() for k, v in self.obj.adapter.state_dict().items()},
-                    "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}, d / TRAINER_FILE)
-        (d / STATE_FILE).write_text(state.to_json())
-        self.obj.adapter.save(str(d / "adapter"))
+        with atomic_local_path(d / TRAINER_FILE) as tmp:
+            torch.save({"adapter": {k: v.cpu() for k, v in self.obj.adapter.state_dict().items()},
+                        "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}, tmp)
+        self.export(d / "adapter")
 
-    def load(self, d: Path) -> TrainState:
-        f = d / STATE_FILE
+    def load(self, d: Path) -> None:
+        f = d / TRAINER_FILE
         if not f.exists():
-            raise TranscoderError(f"checkpoint {d} has no {STATE_FILE}")
-        state = TrainState.from_json(f.read_text())
-        blob = torch.load(d / TRAINER_FILE, map_location="cpu", weights_only=False)
+            raise TranscoderError(f"checkpoint {d} has no {TRAINER_FILE}")
+        blob = torch.load(f, map_location="cpu", weights_only=False)
         self.obj.adapter.load_state_dict(blob["adapter"])
         self.obj.adapter.to(self.device)
         self.opt.load_state_dict(blob["opt"])
         self.sched.load_state_dict(blob["sched"])
-        return state
 
-
-def _allreduce(values: list[float]) -> list[float]:
-    dist = _dist()
-    if dist is None:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
+    def export(self, d: Path) -> None:
+        if self.rank == 0:
+            self.obj.adapter.save(str(d))
 
 
 def train_loop(trainer: TranscoderTrainer, docs, cfg: TranscoderConfig, seed: int, pad_id: int,
                state: Optional[TrainState] = None, *,
                report: Callable[[dict, TrainState, bool], None] = lambda m, s, c: None,
                progress: Optional[Callable[..., Any]] = None) -> TrainState:
-    """Train to the last epoch (or cfg.max_steps). `report(metrics, state, checkpoint)` runs
-    once per step on every worker; when `checkpoint` is true the caller saves `state`. A run
-    given a checkpoint's state continues with the same data order."""
-    from rank1_core.train import collate
-
-    state = state or TrainState()
-    rank, w = trainer.rank, trainer.world
-    limit = total_steps(docs, cfg, seed, w)
-    bar = progress(total=limit, desc="transcoder", unit="step") if progress is not None and rank == 0 else None
-    if bar is not None and state.step:
-        bar.update(state.step)
-    while state.epoch < cfg.epochs and state.step < limit:
-        steps = epoch_plan(docs, cfg, seed, state.epoch, w)
-        while state.step_in_epoch < len(steps) and state.step < limit:
-            mine = steps[state.step_in_epoch][rank::w]
-            t0 = time.perf_counter()
-            acc = torch.zeros(len(STAT_NAMES))
-            real = 0
-            for j, mb in enumerate(mine):
-                batch = [t.to(trainer.device) for t in collate([docs[i] for i in mb], pad_id)]
-                acc += trainer.micro_step(batch, last=j == len(mine) - 1)
-                real += int(batch[1].sum())
-            lr = trainer.lr
-            norm = trainer.step()
-            vals = _allreduce([*(acc / len(mine)).tolist(), float(real)])
-            stats = [v / w for v in vals[:-1]]
-            real = int(vals[-1])
-            dt = time.perf_counter() - t0
-            state.step += 1
-            state.step_in_epoch += 1
-            state.tokens += real
-            epoch_done = state.step_in_epoch == len(steps)
-            last = state.step >= limit
-            row = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / len(steps),
-                   **dict(zip(STAT_NAMES, stats)), "lr": lr, "grad_norm": norm, "tokens": real,
-                   "tokens_per_s": real / dt, "wall": time.time()}
-            if epoch_done:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            state.history.append(row)
-            ckpt = (epoch_done or last) if not cfg.checkpoint_every else (state.step % cfg.checkpoint_every == 0 or last)
-            report(row, state, ckpt)
-            if bar is not None:
-                bar.set_description(f"transcoder kl {row['kl']:.4f} fve {row['fve']:.3f}")
-                bar.update(1)
-            if epoch_done:
-                break  # the next epoch has its own order
-    if bar is not None:
-        bar.close()
-    state.finished = True
-    return state
+    """`rank1_core.harness.train` over `trainer`: train to the last epoch (or cfg.max_steps)."""
+    source = doc_steps(docs, cfg, seed, pad_id, trainer.rank, trainer.world_size)
+    plan = harness.Plan(cfg.epochs, source.total(cfg.epochs, cfg.max_steps), cfg.checkpoint_every)
+    return harness.train(trainer, source, plan, state, report=report, progress=progress, name=trainer.name)
 
 
 def metrics_table(history: list[dict]) -> pa.Table:
-    cols = ["step", "epoch", *STAT_NAMES, "lr", "grad_norm", "tokens", "tokens_per_s", "wall"]
-    ints = {"step", "tokens"}
-    return pa.table({c: pa.array([r.get(c) for r in history], pa.int64() if c in ints else pa.float64())
-                     for c in cols})
+    return harness.metrics_table(history, METRIC_COLUMNS)
+
+
+def job(args: dict, rank: int, world: int, device) -> harness.Job:
+    """The `transcoder` stage's training in one worker, for `ray_jobs/harness.py`. `args`:
+    config (a dict), base_dir, target_dir, tokens (prepare's tokens URI). A fresh run first
+    fits each branch's statistics (`fit_layer_stats`); the finish writes `adapter/`, and rank 0
+    measures `faithfulness.json` / `faithfulness_layers.parquet` on the held-out traces."""
+    import shutil
+    import tempfile
+
+    from rank1_core.config import config_from_dict
+    from rank1_core.generation import local_dir
+    from rank1_core.models import load_model, load_tokenizer
+    from rank1_core.rundir import resolve_filesystem
+    from rank1_core.train import load_docs
+
+    cfg = config_from_dict(args["config"])
+    tc = cfg.transcoder
+    fs, path = resolve_filesystem(args["tokens"])
+    train_docs, held = load_docs(fs, path, "train"), load_docs(fs, path, "heldout")
+    if tc.heldout_docs:
+        held = held[:tc.heldout_docs]
+    pad = load_tokenizer(args["base_dir"]).pad_token_id
+    tmp_models = tempfile.mkdtemp(prefix="rank1-tc-target-")
+    base = load_model(args["base_dir"])
+    target = load_model(local_dir(args["target_dir"], tmp_models))
+    meta = {"base_model": cfg.model.name, "target": tc.target, "target_dir": args["target_dir"], "recon": tc.recon,
+            "positions": tc.positions, "expansion": tc.expansion}
+    adapter = TranscoderAdapter.for_model(base, tc, seed=cfg.run.seed, meta=meta)
+    obj = TranscoderObjective(base, target, adapter, tc)
+    source = doc_steps(train_docs, tc, cfg.run.seed, pad, rank, world)
+    plan = harness.Plan(tc.epochs, source.total(tc.epochs, tc.max_steps), tc.checkpoint_every)
+    trainer = TranscoderTrainer(obj, tc, plan.limit, rank, world, device)
+
+    def start() -> None:
+        # Same data and weights on every rank, so every rank fits the same statistics.
+        adapter.set_layer_stats(fit_layer_stats(base, obj.inst, train_docs, pad, tc.init_tokens, tc.batch_tokens,
+                                                target=target))
+
+    def finish(stage, state: TrainState) -> None:
+        harness.export(trainer, stage, "adapter")
+        if rank == 0:
+            summary, layers = faithfulness(base, target, obj.inst, held, pad, tc.batch_tokens, tc.positions,
+                                           autocast=tc.precision == "bf16_autocast")
+            stage.write_json("faithfulness.json", summary)
+            stage.write_parquet("faithfulness_layers.parquet", layers)
+        shutil.rmtree(tmp_models, ignore_errors=True)
+
+    return harness.Job(trainer, source, plan, METRIC_COLUMNS, start=start, finish=finish)
 
 
 # --------------------------------------------------------------------------- faithfulness
@@ -1048,11 +1032,9 @@ def random_control(latents: pa.Table, exclude: Iterable[int], n: int, seed: int)
 
 
 def count_words(text: str, words: Sequence[str]) -> int:
-    """Occurrences of any of `words` as whole words in `text`, case-insensitive."""
-    if not text:
-        return 0
-    pat = r"\b(?:" + "|".join(re.escape(w.lower()) for w in words) + r")\b"
-    return len(re.findall(pat, text.lower()))
+    """Occurrences of any of `words` in `text`: whole-word, case-insensitive (the one rule of
+    `rank1_core.lexicon`, which `steer` counts with too)."""
+    return lexicon.count_words(text, words)
 
 
 # --------------------------------------------------------------------------- generation

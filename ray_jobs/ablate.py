@@ -15,8 +15,11 @@
    (x - b) / (l - b).
 
 Leaves in `ablate/`:
-- `kl_components.parquet`: column (`L{layer:02d}_{module}`), layer, module, kind (mlp | attn),
-  kl_mean, kl_sem, kl_max, n_tokens, n_docs.
+- `kl_components.parquet`: column (`L{layer:02d}_{module}`, rank r: one row per direction
+  `L{layer:02d}_{module}_r{i}`), layer, module, kind (mlp | attn), kl_mean, kl_sem, kl_max,
+  n_tokens, n_docs.
+- `kl_modules.parquet` (rank r > 1 only): the same columns, all r directions of each module
+  ablated together (column `L{layer:02d}_{module}`).
 - `kl_layers.parquet`: layer, kl_mean, kl_sem, kl_max, n_tokens, n_docs.
 - `kl_rows.parquet`: the per-(ablation, trace) sums the means come from.
 - `groups.parquet`: group, benchmark, n_components, kl_mean, kl_sem, n_problems, n_samples,
@@ -32,24 +35,6 @@ from ray_jobs.common import ensure_ray, execute, stage_cli
 from ray_jobs.progress import Progress
 
 STAGE = "ablate"
-
-
-def adapter_components(adapter_dir) -> list[str]:
-    """`L{layer:02d}_{module}` of every lora_A saved in a peft adapter (keys only, no weights)."""
-    from safetensors import safe_open
-
-    from rank1_core.ablation import _SAVED_A, component_name
-
-    with safe_open(str(adapter_dir) + "/adapter_model.safetensors", "pt") as f:
-        keys = list(f.keys())
-    comps = []
-    for k in keys:
-        m = _SAVED_A.search(k)
-        if m:
-            comps.append(component_name(int(m.group(1)), m.group(2)))
-    if not comps:
-        raise ValueError(f"adapter {adapter_dir} holds no lora_A of q/k/v/o/gate/up/down_proj")
-    return comps
 
 
 def heldout_docs(cfg: Config) -> list[dict]:
@@ -95,11 +80,12 @@ def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: l
     return rows
 
 
-def kl_tables(agg):
-    """(components, layers, groups) KL tables from `rank1_core.ablation.aggregate`."""
-    from rank1_core.ablation import module_kind
+def kl_tables(agg, kind: str = "component"):
+    """(components, layers, groups) KL tables from `rank1_core.ablation.aggregate`; with
+    kind="module", the first is the per-module table of a rank-r adapter."""
+    from rank1_core.lora import module_kind
 
-    comps = agg[agg["kind"] == "component"].copy()
+    comps = agg[agg["kind"] == kind].copy()
     comps.insert(0, "column", comps["ablation"])
     comps["layer"] = comps["layer"].astype("int32")
     comps["kind"] = [module_kind(m) for m in comps["module"]]
@@ -137,6 +123,7 @@ def run(cfg: Config, force: bool = False) -> dict:
 
     from rank1_core.ablation import aggregate, plan_ablations, write_ablated_adapter
     from rank1_core.grading import table2, table2_markdown
+    from rank1_core.lora import saved_components
     from rank1_core.models import resolve_model_dir
     from rank1_core.rundir import RunDir
     from ray_jobs import evaluate as E
@@ -155,7 +142,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         st, train = sr.stage, run.stage("train")
         model_dir = str(resolve_model_dir(cfg.model))
         with sr.timed("plan"), train.local_copy("adapter") as adapter, tempfile.TemporaryDirectory() as tmp:
-            comps = adapter_components(adapter)
+            comps = saved_components(adapter)
             groups = [(g.name, g.modules, g.layers) for g in ac.groups]
             ablations = plan_ablations(comps, per_component=ac.components, per_layer=ac.layers, groups=groups)
             for g in ac.groups:
@@ -172,6 +159,10 @@ def run(cfg: Config, force: bool = False) -> dict:
         E.write_parquet(st, "kl_rows.parquet", kl_rows)
         E.write_parquet(st, "kl_components.parquet", comps_t)
         E.write_parquet(st, "kl_layers.parquet", layers_t)
+        if (agg["kind"] == "module").any():  # rank r > 1: each module's r directions ablated together
+            modules_t = kl_tables(agg, "module")[0]
+            E.write_parquet(st, "kl_modules.parquet", modules_t)
+            sr.rows["kl_modules"] = len(modules_t)
         text = kl_summary(comps_t, layers_t, ac.top)
         print(text, flush=True)
         sr.rows.update({"kl_components": len(comps_t), "kl_layers": len(layers_t), "kl_rows": len(kl_rows)})

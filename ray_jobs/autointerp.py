@@ -97,11 +97,21 @@ class RayRunner:
         secrets = routing.secrets()
         self.actors = [ray.remote(num_cpus=0)(WorkerActor).options(max_concurrency=a.concurrency, **opts)
                        .remote(routing.endpoints, secrets, self.gate, cache_dir, retry) for _ in range(a.actors)]
+        self.endpoints = routing.endpoints
         self.ray = ray
+
+    def _actor_for(self, i: int, req):
+        """Identical requests go to the same actor, whose worker sends them once (single flight)."""
+        from rank1_core.autointerp.cache import request_key
+        from rank1_core.autointerp.clients import cache_payload
+
+        ep = self.endpoints.get(req.model)
+        h = int(request_key(cache_payload(ep, req))[:8], 16) if ep is not None else i
+        return self.actors[h % len(self.actors)]
 
     def __call__(self, requests, on_result):
         ray = self.ray
-        refs = [self.actors[i % len(self.actors)].process.remote(r) for i, r in enumerate(requests)]
+        refs = [self._actor_for(i, r).process.remote(r) for i, r in enumerate(requests)]
         index = {ref: i for i, ref in enumerate(refs)}
         out = [None] * len(refs)
         pending = list(refs)
@@ -181,8 +191,12 @@ def run(cfg: Config, force: bool = False) -> dict:
     def body(sr):
         topk = sr.stage.run.stage("topk")
         with sr.timed("autointerp"), answerers(cfg, sr.stage, a.use_local_server) as routing:
+            from rank1_core.autointerp.cache import ResponseCache
+
+            # Earlier attempts' spend, with what a killed one paid for but never logged.
+            spent = previous_spend(sr.stage, ResponseCache(default_cache_dir(a)), log=lambda m: print(m, flush=True))
             gate_args = {"limits": routing.limits, "prices": routing.prices, "budget_usd": a.budget_usd,
-                         "spent_usd": previous_spend(sr.stage), "burst_s": a.burst_s}
+                         "spent_usd": spent, "burst_s": a.burst_s}
             retry = {"max_attempts": a.retry_max_attempts, "base_s": a.retry_base_s, "max_s": a.retry_max_s}
             if a.actors > 0:
                 from ray_jobs.common import ensure_ray

@@ -4,6 +4,7 @@
     rank1 <stage> --config configs/demo.yaml [key=value ...]   # one stage
     rank1 plan    --config configs/qwen2.5-32b-s1k.yaml        # sizes, no download
     rank1 status  --run runs/demo                               # which stages are done
+    rank1 export  sae --run runs/demo --format saelens OUT/     # SAELens / Neuronpedia formats
 
 Any `ray_jobs/<name>.py` module with a `main(argv)` function is a subcommand; a stage
 module with only `run(cfg, force)` gets the standard stage arguments.
@@ -37,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in _commands():
         print(f"rank1: unknown command {cmd!r}; commands: {', '.join(['run', *_commands()])}", file=sys.stderr)
         return 2
+    from ray_jobs.common import guarded, stage_cli
+
     mod = importlib.import_module(f"ray_jobs.{cmd}")
     if hasattr(mod, "main"):
-        return int(mod.main(rest) or 0)
-    from ray_jobs.common import stage_cli
-
+        return guarded(lambda: mod.main(rest))  # run, report, sql, ...: one error path for all
     return stage_cli(cmd, mod.run, rest)
 
 

@@ -11,12 +11,13 @@ and ends with `if __name__ == "__main__": stage_cli("<stage>", run)`, so both
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from typing import Callable
 
-from rank1_core.config import Config, ConfigError, dump_yaml, load_config, section_hash
+from rank1_core.config import Config, ConfigError, Scaling, dump_yaml, load_config, section_hash
 from rank1_core.rundir import RunDir, StageDir, StageNotDone, chained_hash, run_stage
 
 log = logging.getLogger("rank1")
@@ -50,10 +51,55 @@ def ensure_ray(cfg: Config):
         return ray
     # No address: a fresh local instance sized by the config. (Not "auto": that would attach
     # to whatever Ray happens to run on the machine; to use a head started with `ray start`,
-    # set RAY_ADDRESS=auto. Jobs from `ray job submit` get RAY_ADDRESS from Ray.)
+    # set RAY_ADDRESS=auto. Jobs from `ray job submit` get RAY_ADDRESS from Ray.) It is
+    # private: every port on 127.0.0.1, the auth token readable by its owner only.
+    loopback_only()
+    private_auth_token()
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-             runtime_env=env, include_dashboard=None)
+             runtime_env=env, include_dashboard=None, dashboard_host="127.0.0.1")
     return ray
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Set to 0, Ray runs single-machine: its node IP is 127.0.0.1 (see `loopback_only`)."""
+
+
+def loopback_only() -> None:
+    """Make the local Ray instance this process starts listen on 127.0.0.1 only.
+
+    Ray 2.60 binds the GCS, raylet, object manager, worker, agent and metrics-export ports to
+    the node IP, and on Linux turns a node IP of 127.0.0.1 (`_node_ip_address`,
+    `--node-ip-address`) into the machine's outward address. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-machine mode, its default on macOS and
+    Windows) the node IP is the loopback address, so nothing listens on other interfaces.
+    Set in the environment (the Ray processes started from here inherit it) and in Ray's
+    constants when ray is already imported (it reads the variable at import)."""
+    os.environ[LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def private_auth_token() -> None:
+    """Ray 2.60 turns token authentication on for a local instance and, when there is no
+    token yet, writes a new one to ~/.ray/auth_token readable by everyone (0644). Create it
+    first with mode 0600 (Ray then uses it), and make an existing one of ours 0600."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    import secrets
+    from pathlib import Path
+
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileExistsError:  # another process made it at the same moment
+        pass
 
 
 def quiet_train_worker() -> None:
@@ -73,27 +119,26 @@ RAY_TRAIN_RUN_NAME = "ray_train"
 """Ray Train's run folder inside `<stage>/checkpoints/` (train, train_full, sae, transcoder)."""
 
 
-def torch_trainer(worker: Callable, loop_config: dict, stage: StageDir, *, num_workers: int,
-                  cpus_per_worker: float, gpus_per_worker: float, max_failures: int, keep_checkpoints: int,
-                  **trainer_kwargs):
-    """The `TorchTrainer` every training stage uses: `num_workers` workers of the given CPUs and
-    GPUs (NCCL with GPUs, gloo without), checkpoints in `<stage>/checkpoints/` through the run's
-    filesystem (shared storage on clusters), a worker failure restarting from the last
-    checkpoint up to `max_failures` times. Extra keywords (datasets, dataset_config) pass on."""
+def torch_trainer(worker: Callable, loop_config: dict, stage: StageDir, scaling: Scaling, **trainer_kwargs):
+    """The `TorchTrainer` every training stage uses (`ray_jobs/harness.py`): `scaling.num_workers`
+    workers of its CPUs and GPUs (NCCL with GPUs, gloo without), checkpoints in
+    `<stage>/checkpoints/` through the run's filesystem (shared storage on clusters), a worker
+    failure restarting from the last checkpoint up to `scaling.max_failures` times. Extra
+    keywords (datasets, dataset_config) pass on."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
+    gpu = scaling.gpus_per_worker > 0
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if gpu else {})}
     return TorchTrainer(
         worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=RAY_TRAIN_RUN_NAME, storage_path=stage.path("checkpoints"), storage_filesystem=stage.fs,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
         ),
         **trainer_kwargs,
     )
@@ -116,30 +161,65 @@ def execute(cfg: Config, name: str, body: Callable, upstream: tuple[str, ...] = 
         u.require_done()
     h = chained_hash(section_hash(cfg, name), ups)
 
+    from rank1_core.config import STAGE_SECTIONS
+    from rank1_core.device import stage_choices
+
+    precision = stage_choices(cfg.precision, STAGE_SECTIONS[name])
+
     def wrapped(sr):
         for u in ups:
             sr.use(u)
+        if precision:  # what each `auto` became on this machine, and why (also in config.yaml)
+            sr.extra["precision_choices"] = precision
+            for key, what in precision.items():
+                print(f"[{name}] precision: {key} = {what}", flush=True)
         body(sr)
 
     return run_stage(run.stage(name), h, dump_yaml(cfg), wrapped, force=force, resumable=resumable,
                      log=lambda m: print(m, flush=True))
 
 
+READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+"""OSErrors that mean the run directory (or a cache) cannot be written: the user's to fix."""
+
+
+def input_error(e: BaseException) -> BaseException | None:
+    """The error a user can act on (bad input, config, data, a missing model or stage, a run
+    directory that cannot be written), or None for a fault in rank1 or a library. A Ray task
+    error is judged by the exception the task raised."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    if isinstance(e, (ValueError, StageNotDone)) or type(e).__module__.split(".")[0] == "rank1_core":
+        return e  # ValueError: DataError, SAEInputError, ConfigError, ...; rank1_core's own errors
+    if isinstance(e, OSError) and (isinstance(e, PermissionError) or e.errno in READ_ONLY_ERRNOS):
+        return e
+    return None
+
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """The one error path of every door (`rank1 run`, `rank1 <stage>`, `python -m
+    ray_jobs.<stage>`): an input error prints one line `error: ...` on stderr and returns 2;
+    anything else keeps its traceback. RANK1_DEBUG=1 shows the traceback of every error."""
+    try:
+        return int(fn() or 0)
+    except Exception as e:
+        shown = input_error(e)
+        if shown is None or os.environ.get("RANK1_DEBUG"):
+            raise
+        kind = "" if isinstance(shown, (ConfigError, StageNotDone)) else f"{type(shown).__name__}: "
+        print(f"error: {kind}{' '.join(str(shown).split())}", file=sys.stderr)
+        return 2
+
+
 def stage_cli(name: str, run_fn: Callable[[Config, bool], dict], argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{name}", description=f"rank1 stage: {name}")
     add_config_args(p)
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        run_fn(cfg, args.force)
-    except (ConfigError, StageNotDone) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        # Bad input found by a stage (DataError, SAEInputError, ...): its message names the
-        # file/row/key at fault. RANK1_DEBUG=1 shows the traceback too.
-        if os.environ.get("RANK1_DEBUG"):
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def go() -> int:
+        run_fn(config_from_args(args), args.force)
+        return 0
+
+    return guarded(go)

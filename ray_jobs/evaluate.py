@@ -15,8 +15,10 @@ engine serves base and lora; merged builds one engine per adapter. Leaves in `ev
   null for a variant without adapter), answer (the reference), prompt ('think' | 'plain':
   whether the prompt ended with model.think_marker; evaluate.base_prompt sets the base's).
 - `summary.parquet`: variant, benchmark, n_problems, n_samples, pass1, stderr, mean_tokens,
-  finished_rate, marker_rate.
-- `table1.md`, `table1.csv`: base, LoRA, full and % recovery per benchmark.
+  finished_rate, marker_rate, prompt.
+- `table1.md`, `table1.csv`: base, LoRA, full and % recovery per benchmark, and the share of
+  each think-prompted variant's responses that reached the answer marker (a think response
+  without it is graded wrong unless evaluate.missing_marker is grade_tail).
 """
 
 from __future__ import annotations
@@ -164,13 +166,14 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
                     rows.append(r)
                     p.update(1, tokens=int(r["n_tokens"]))
     generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
-    if sr is not None:
-        with sr.timed(f"grade:{tag}"):
-            samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
-    else:
-        samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
+    prompts = {v.name: v.prompt for v in variants}
+    # a think-format response without the answer marker is graded per missing_marker; a
+    # plain-prompted one on its whole response
+    generated["prompt"] = generated["variant"].map(prompts)
+    with sr.timed(f"grade:{tag}") if sr is not None else contextlib.nullcontext():
+        samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars, ec.missing_marker)
     index = {(it["benchmark"], it["problem_id"]): it["problem_index"] for it in items}
-    samples["prompt"] = samples["variant"].map({v.name: v.prompt for v in variants})
+    samples["prompt"] = samples["variant"].map(prompts)
     samples["_v"] = samples["variant"].map(order)
     samples["_p"] = [index[(b, p)] for b, p in zip(samples["benchmark"], samples["problem_id"])]
     samples = samples.sort_values(["_v", "benchmark", "_p", "sample"]).drop(columns=["_v", "_p"])
@@ -187,23 +190,23 @@ def generate_and_grade(cfg: Config, variants: list[Variant], benchmarks: dict, s
 
 
 def summarize(samples):
-    """grading.summarize plus mean response length, finished and marker rates."""
+    """grading.summarize plus mean response length, finished and marker rates (and the
+    variant's prompt, 'think' | 'plain', when the samples have it)."""
     from rank1_core.grading import summarize as pass1_summary
 
     s = pass1_summary(samples)
-    extra = samples.groupby(["variant", "benchmark"]).agg(
-        mean_tokens=("n_tokens", "mean"), finished_rate=("finished", "mean"),
-        marker_rate=("marker_found", "mean")).reset_index()
+    aggs = dict(mean_tokens=("n_tokens", "mean"), finished_rate=("finished", "mean"),
+                marker_rate=("marker_found", "mean"))
+    if "prompt" in samples.columns:
+        aggs["prompt"] = ("prompt", "first")
+    extra = samples.groupby(["variant", "benchmark"]).agg(**aggs).reset_index()
     return s.merge(extra, on=["variant", "benchmark"], how="left")
 
 
 def write_parquet(stage, rel: str, df) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path = stage.path(rel)
-    stage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path, filesystem=stage.fs, compression="zstd")
+    stage.write_parquet(rel, pa.Table.from_pandas(df, preserve_index=False), compression="zstd")  # atomic
 
 
 def run(cfg: Config, force: bool = False) -> dict:

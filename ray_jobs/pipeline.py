@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
 
-from rank1_core.config import Config, ConfigError
-from rank1_core.rundir import StageNotDone
-from ray_jobs.common import add_config_args, config_from_args
+from rank1_core.config import Config
+from ray_jobs.common import add_config_args, config_from_args, guarded
 
 
 def stage_module(name: str):
@@ -27,6 +25,10 @@ def run(cfg: Config, force: bool = False, only: list[str] | None = None) -> dict
     stages = only or cfg.stages
     out = {}
     t0 = time.perf_counter()
+    from rank1_core.device import describe
+
+    for line in describe(cfg.precision):
+        print(line, flush=True)
     for name in stages:
         print(f"=== stage {name} ===", flush=True)
         out[name] = stage_module(name).run(cfg, force)
@@ -39,14 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     args = p.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        only = args.stages.split(",") if args.stages else None
-        run(cfg, args.force, only)
-    except (ConfigError, StageNotDone) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def go() -> int:
+        run(config_from_args(args), args.force, args.stages.split(",") if args.stages else None)
+        return 0
+
+    return guarded(go)  # the one error path of every door (ray_jobs.common)
 
 
 if __name__ == "__main__":

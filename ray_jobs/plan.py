@@ -22,12 +22,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rank1_core.plan import make_plan
 
+    from rank1_core.device import describe
+
     plan = make_plan(cfg)
     if args.json:
-        d = dict(plan.__dict__, trainable_fraction=plan.trainable_fraction)
+        d = dict(plan.__dict__, trainable_fraction=plan.trainable_fraction,
+                 precision={c.key: {"value": c.value, "requested": c.requested, "why": c.why,
+                                    "warning": c.warning} for c in cfg.precision})
         print(json.dumps(d, indent=2))
     else:
         print(plan.render())
+        print("precision on this machine (auto: bf16 only where the hardware runs it fast):")
+        print("\n".join(f"  {line}" for line in describe(cfg.precision)))
     return 0
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from rank1_core.config import Config, ConfigError, config_from_dict, load_config
-from rank1_core.rundir import RunDir, StageNotDone
-from ray_jobs.common import execute
+from rank1_core.rundir import RunDir
+from ray_jobs.common import execute, guarded
 
 STAGE = "report"
 
@@ -106,26 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.run and not args.config:
         p.error("give --run DIR (a run directory) or --config FILE")
-    try:
-        if args.config:
-            extra = [f"run.dir={args.run}"] if args.run else []
-            cfg = load_config(args.config, [*args.overrides, *extra])
-        else:
-            if not RunDir(args.run).status():
-                print(f"error: {args.run} holds no stage output (is it a run directory?)", file=sys.stderr)
-                return 2
-            cfg = config_of_run(args.run, list(args.overrides))
-        run(cfg, args.force)
-        if args.screenshots:
-            from rank1_core.report.screenshot import report_screenshots
+    return guarded(lambda: _main(args))  # the one error path of every door (ray_jobs.common)
 
-            st = RunDir(cfg.run.dir).stage(STAGE)
-            with st.local_copy(".") as local:
-                for path in report_screenshots(Path(local), Path(args.screenshots), args.feature_page):
-                    print(f"[report] screenshot {path}", flush=True)
-    except (ConfigError, StageNotDone) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(args: argparse.Namespace) -> int:
+    if args.config:
+        extra = [f"run.dir={args.run}"] if args.run else []
+        cfg = load_config(args.config, [*args.overrides, *extra])
+    else:
+        if not RunDir(args.run).status():
+            print(f"error: {args.run} holds no stage output (is it a run directory?)", file=sys.stderr)
+            return 2
+        cfg = config_of_run(args.run, list(args.overrides))
+    run(cfg, args.force)
+    if args.screenshots:
+        from rank1_core.report.screenshot import report_screenshots
+
+        st = RunDir(cfg.run.dir).stage(STAGE)
+        with st.local_copy(".") as local:
+            for path in report_screenshots(Path(local), Path(args.screenshots), args.feature_page):
+                print(f"[report] screenshot {path}", flush=True)
     return 0
 
 

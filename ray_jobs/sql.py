@@ -16,7 +16,7 @@ import json
 import sys
 
 from rank1_core import sql as S
-from rank1_core.rundir import RunDir
+from rank1_core.rundir import RunDir, atomic_output, resolve_filesystem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,14 +109,17 @@ def _write(table, args) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    # --out (a path or a pyarrow URI) is written to a temporary name and renamed (atomic_output)
     if args.format == "parquet":
         if not args.out:
             raise SystemExit("rank1 sql: --format parquet needs --out FILE")
-        pq.write_table(table, args.out)
+        with atomic_output(*resolve_filesystem(args.out)) as out:
+            pq.write_table(table, out)
         return
     if args.format == "csv":
         if args.out:
-            pacsv.write_csv(table, args.out)
+            with atomic_output(*resolve_filesystem(args.out)) as out:
+                pacsv.write_csv(table, out)
         else:
             sys.stdout.flush()
             pacsv.write_csv(table, sys.stdout.buffer)
@@ -127,8 +130,8 @@ def _write(table, args) -> None:
     else:  # table into a file: aligned plain text, every row
         text = _aligned(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        with atomic_output(*resolve_filesystem(args.out)) as out:
+            out.write(text.encode())
     else:
         sys.stdout.write(text)
 

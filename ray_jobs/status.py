@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rank1_core.rundir import RunDir
+from rank1_core.rundir import STAGING, RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,8 +12,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run directory (path or URI)")
     args = p.parse_args(argv)
     run = RunDir(args.run)
+    rebuilding = set(run.rebuilding())
     for name, state in sorted(run.status().items()):
         m = run.stage(name).manifest() if state == "done" else {}
         extra = f"  {m.get('seconds', 0):.1f}s  rows={m.get('rows', {})}" if m else ""
+        if name in rebuilding and state == "done":
+            extra += f"  (a rerun is unfinished in {STAGING}/{name}; these outputs stay until it completes)"
         print(f"{name:12s} {state}{extra}")
     return 0

@@ -224,7 +224,7 @@ def build_conditions(cfg: Config, targets, stats, directions, components: list[s
 
 def plan_steering(cfg: Config) -> Plan:
     """Check every input and target, and lay out the work, before anything runs."""
-    from ray_jobs.ablate import adapter_components
+    from rank1_core.lora import saved_components
     from rank1_core.models import resolve_model_dir
     from rank1_core.rundir import RunDir
     from rank1_core.steering import canonical
@@ -235,7 +235,7 @@ def plan_steering(cfg: Config) -> Plan:
     plan = Plan()
     train = run.stage("train")
     with train.local_copy("adapter") as adapter:
-        plan.components = [canonical(c) for c in adapter_components(adapter)]
+        plan.components = [canonical(c) for c in saved_components(adapter)]
     plan.targets, stats, directions = choose_targets(cfg, plan.components)
     plan.conditions = build_conditions(cfg, plan.targets, stats, directions, plan.components)
     plan.items = load_prompts(cfg)
@@ -276,13 +276,16 @@ def run_units(ray, actors: list, work: list[dict], progress=None) -> list[dict]:
 
 def summary_markdown(results, targets) -> str:
     """Per target: each alpha's hesitation rate / accuracy / KL beside the random band."""
+    from rank1_core.report.tables import md_escape
+
     base = results[results["target_kind"] == "none"].iloc[0]
     lines = [f"Unsteered: hesitation {base.hesitation_rate:.2f}/100 tokens, length {base.mean_length:.1f}, "
              f"accuracy {base.accuracy:.3f} (n = {int(base.n)})", ""]
     for t in targets:
         own = results[(results["target"] == t.name) & (results["target_kind"] != "random")]
         rnd = results[(results["target"] == t.name) & (results["target_kind"] == "random")]
-        lines.append(f"### {t.name} ({t.kind}, chosen by {t.chosen_by}; typical {t.typical:.3g}; "
+        lines.append(f"### {md_escape(t.name)} ({md_escape(t.kind)}, chosen by {md_escape(t.chosen_by)}; "
+                     f"typical {t.typical:.3g}; "
                      f"{t.n_hesitation}/{t.n_contexts} top contexts hit a hesitation word)")
         lines.append("")
         lines.append("| mode | alpha | hesitation /100 tok | random band | length | accuracy | random band | KL | random band |")
@@ -323,6 +326,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         spec = WorkerSpec(model_dir=plan.model_dir, adapter_dir=plan.adapter_uri, dtype=sc.dtype or cfg.model.dtype,
                           max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size, threads=sc.threads,
                           answer_marker=cfg.model.answer_marker, tail_chars=sc.tail_chars,
+                          missing_marker=sc.missing_marker,
                           hesitation_tokens=list(sc.hesitation_tokens))
         ray = ensure_ray(cfg)
         Actor = ray.remote(num_cpus=sc.actor_cpus, max_restarts=1, max_task_retries=1)(SteerWorker)

@@ -3,8 +3,8 @@
     python -m ray_jobs.transcoder --config configs/demo.yaml
     python -m ray_jobs.transcoder --config configs/tiny.yaml transcoder.num_workers=2 transcoder.cpus_per_worker=1
 
-A `TorchTrainer` runs `rank1_core.transcoder.train_loop` on `transcoder.num_workers` workers
-(DDP over gloo on CPU / nccl on GPU): the frozen base model (model.name) with a sparse branch
+`ray_jobs.harness.fit` trains `rank1_core.transcoder.job` on `transcoder.num_workers` Ray Train
+workers (DDP over gloo on CPU / nccl on GPU): the frozen base model (model.name) with a sparse branch
 per MLP layer, trained on the training traces of `prepare/tokens` so that it matches the
 frozen target (`transcoder.target`: the train_full stage's model, or any model directory of
 the same architecture). At the end rank 0 measures faithfulness on the held-out traces.
@@ -13,7 +13,7 @@ Leaves in the stage folder:
 - `adapter/`: `cfg.json` + `transcoder.safetensors` (`TranscoderAdapter.load(dir)`;
   `.install(model)` puts it on a base model).
 - `metrics.parquet`: step, epoch, loss, kl, recon (mean per-layer FVU), sparsity, l0, fve,
-  lr, grad_norm, tokens, tokens_per_s, wall.
+  lr, grad_norm, tokens, tokens_per_s, wall; `train_state.json`: where training ended.
 - `faithfulness.json` (also the manifest's `extra.faithfulness`): kl_adapted = KL(target ||
   base + adapters), kl_base = KL(target || base), kl_closed, cross-entropies, top-1
   agreement, mean explained variance of the MLP difference, L0, live latents.
@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from rank1_core.config import Config, ConfigError, TranscoderConfig
@@ -101,96 +99,6 @@ def check_target_shape(base_dir: str, target_dir: str) -> None:
                           f"intermediate, vocab) = {t} vs {b}")
 
 
-def transcoder_worker(lc: dict) -> None:
-    """Body of every Ray Train worker."""
-    import ray.train
-    import torch
-    from ray.experimental.tqdm_ray import tqdm
-    from ray.train import Checkpoint
-
-    from rank1_core.config import config_from_dict
-    from rank1_core.generation import local_dir
-    from rank1_core.models import load_model, load_tokenizer
-    from rank1_core.rundir import resolve_filesystem
-    from rank1_core.train import load_docs
-    from rank1_core.transcoder import (STATE_FILE, TranscoderAdapter, TranscoderObjective, TranscoderTrainer,
-                                       faithfulness, fit_layer_stats, total_steps, train_loop)
-
-    cfg = config_from_dict(lc["config"])
-    tc = cfg.transcoder
-    from ray_jobs.common import quiet_train_worker
-
-    quiet_train_worker()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if tc.gpus_per_worker:
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(tc.cpus_per_worker)
-    fs, path = resolve_filesystem(lc["tokens"])
-    train_docs, held = load_docs(fs, path, "train"), load_docs(fs, path, "heldout")
-    if tc.heldout_docs:
-        held = held[:tc.heldout_docs]
-    tok = load_tokenizer(lc["base_dir"])
-    pad = tok.pad_token_id
-    tmp_models = tempfile.mkdtemp(prefix="rank1-tc-target-")
-    base = load_model(lc["base_dir"])
-    target = load_model(local_dir(lc["target_dir"], tmp_models))
-    meta = {"base_model": cfg.model.name, "target": tc.target, "target_dir": lc["target_dir"], "recon": tc.recon,
-            "positions": tc.positions, "expansion": tc.expansion}
-    adapter = TranscoderAdapter.for_model(base, tc, seed=cfg.run.seed, meta=meta)
-    obj = TranscoderObjective(base, target, adapter, tc)
-    trainer = TranscoderTrainer(obj, tc, total_steps(train_docs, tc, cfg.run.seed, world), rank, world, device)
-
-    state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = trainer.load(Path(d))
-            if state.finished:  # the run had finished: hand its export back again
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as t:
-                        shutil.copytree(d, t, dirs_exist_ok=True)
-                        ray.train.report({"step": state.step, "finished": True}, checkpoint=Checkpoint.from_directory(t))
-                else:
-                    ray.train.report({"step": state.step, "finished": True})
-                return
-        state.resumed_from.append(state.step)
-        if rank == 0:
-            print(f"[{STAGE}] resumed from the checkpoint of step {state.step}", flush=True)
-    else:
-        # Same data and weights on every rank, so every rank fits the same statistics.
-        adapter.set_layer_stats(fit_layer_stats(base, obj.inst, train_docs, pad, tc.init_tokens, tc.batch_tokens,
-                                                target=target))
-
-    def report(metrics: dict, st, save: bool) -> None:
-        m = {k: v for k, v in metrics.items() if v == v}
-        if not save:
-            ray.train.report(m)
-            return
-        with tempfile.TemporaryDirectory() as t:
-            trainer.save(Path(t), st)
-            ray.train.report(m, checkpoint=Checkpoint.from_directory(t) if rank == 0 else None)
-        ray.train.get_all_reported_checkpoints(timeout_s=120)
-
-    state = train_loop(trainer, train_docs, tc, cfg.run.seed, pad, state, report=report, progress=tqdm)
-    state.finished = True
-    with tempfile.TemporaryDirectory() as t:
-        if rank == 0:
-            summary, layers = faithfulness(base, target, obj.inst, held, pad, tc.batch_tokens, tc.positions,
-                                           autocast=tc.precision == "bf16_autocast")
-            import pyarrow.parquet as pq
-
-            trainer.save(Path(t), state)
-            (Path(t) / "faithfulness.json").write_text(json.dumps(summary, indent=2) + "\n")
-            pq.write_table(layers, str(Path(t) / "faithfulness_layers.parquet"))
-            assert (Path(t) / STATE_FILE).exists()
-        ray.train.report({"step": state.step, "finished": True},
-                         checkpoint=Checkpoint.from_directory(t) if rank == 0 else None)
-    shutil.rmtree(tmp_models, ignore_errors=True)
-
-
 def run(cfg: Config, force: bool = False) -> dict:
     from rank1_core.models import resolve_model_dir
 
@@ -204,33 +112,15 @@ def run(cfg: Config, force: bool = False) -> dict:
         import pyarrow.parquet as pq
 
         from rank1_core.rundir import RunDir
-        from rank1_core.transcoder import STATE_FILE, TrainState, TranscoderError, metrics_table
-        from ray_jobs.common import ensure_ray, torch_trainer
+        from ray_jobs.harness import fit
 
-        ensure_ray(cfg)
         stage = sr.stage
         tokens = RunDir(cfg.run.dir).stage("prepare").uri_of("tokens")
-        lc = {"config": cfg.to_dict(), "base_dir": base_dir, "target_dir": target_dir, "tokens": tokens}
-        trainer = torch_trainer(transcoder_worker, lc, stage, num_workers=tc.num_workers,
-                                cpus_per_worker=tc.cpus_per_worker, gpus_per_worker=tc.gpus_per_worker,
-                                max_failures=tc.max_failures, keep_checkpoints=tc.keep_checkpoints)
-        with sr.timed("fit"):
-            result = trainer.fit()
-        if result.checkpoint is None:
-            raise TranscoderError(f"[{STAGE}] Ray Train finished without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            d = Path(d)
-            state = TrainState.from_json((d / STATE_FILE).read_text())
-            if not state.finished or not (d / "faithfulness.json").exists():
-                raise TranscoderError(f"[{STAGE}] the last checkpoint {d} is not a finished run")
-            if stage.exists("adapter"):
-                stage.fs.delete_dir(stage.path("adapter"))
-            stage.upload_dir(d / "adapter", "adapter")
-            faith = json.loads((d / "faithfulness.json").read_text())
-            stage.write_json("faithfulness.json", faith)
-            layers = pq.read_table(str(d / "faithfulness_layers.parquet"))
-        pq.write_table(layers, stage.path("faithfulness_layers.parquet"), filesystem=stage.fs)
-        pq.write_table(metrics_table(state.history), stage.path("metrics.parquet"), filesystem=stage.fs)
+        args = {"config": cfg.to_dict(), "base_dir": base_dir, "target_dir": target_dir, "tokens": tokens}
+        state = fit(sr, cfg, tc, "rank1_core.transcoder:job", args)
+        faith = stage.read_json("faithfulness.json")
+        with stage.fs.open_input_file(stage.path("faithfulness_layers.parquet")) as f:
+            layers = pq.read_table(f)
         steps = state.history
         sr.rows.update({"steps": state.step, "tokens": state.tokens, "layers": layers.num_rows,
                         "latents": int(faith["latents"])})

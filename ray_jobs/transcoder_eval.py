@@ -52,7 +52,9 @@ def _upstream(cfg: Config) -> tuple[str, ...]:
 
 
 def _md_table(df, floats: int = 4) -> str:
-    cols = list(df.columns)
+    from rank1_core.report.tables import md_escape
+
+    cols = [md_escape(c) for c in df.columns]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in df.itertuples(index=False):
         cells = []
@@ -60,7 +62,7 @@ def _md_table(df, floats: int = 4) -> str:
             if isinstance(v, float):
                 cells.append("n/a" if math.isnan(v) else f"{v:.{floats}f}")
             else:
-                cells.append(str(v))
+                cells.append(md_escape(v))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -155,7 +157,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                 rows.extend(ds.take_all())
         generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
         with sr.timed("grade"):
-            samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars)
+            samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars, ec.missing_marker)
         expected = len(items) * ec.samples
         if len(samples) != expected:
             raise RuntimeError(f"generation returned {len(samples)} samples, expected {expected}")

@@ -47,8 +47,6 @@ def run(cfg: Config, force: bool = False) -> dict:
     ec = tc.extract
 
     def body(sr):
-        import pyarrow.parquet as pq
-
         run = RunDir(cfg.run.dir)
         st, prep, tcs = sr.stage, run.stage("prepare"), run.stage("transcoder")
         with sr.timed("check"):
@@ -81,13 +79,13 @@ def run(cfg: Config, force: bool = False) -> dict:
             S.register_views(con, run, ["transcoder_features", "transcoder_tokens"])  # rank1_core.sql.VIEWS
             fired = feature_summary(con, "transcoder_features")
             lat = latents_table(adapter, fired, count.tokens)
-            pq.write_table(lat, st.path("latents.parquet"), filesystem=st.fs)
+            st.write_parquet("latents.parquet", lat)
             cands = hesitation_candidates(con, "transcoder_features", "transcoder_tokens", tc.hesitation,
                                           log=lambda m: print(m, flush=True))
             con.close()
             selected = select_hesitation(cands, tc.hesitation)
             hes = hesitation_table(cands, selected, lat)
-            pq.write_table(hes, st.path("hesitation_features.parquet"), filesystem=st.fs)
+            st.write_parquet("hesitation_features.parquet", hes)
         n_rows = int(sum(int(s["rows"]) for s in summaries))
         live = int(sum(lat.column("live").to_pylist()))
         summary = {

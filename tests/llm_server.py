@@ -9,8 +9,10 @@ the Anthropic messages protocols, deterministic answers, and faults injected on 
 
 Answers follow what the rank1 prompts ask (the server reads the prompt like a careful
 model would): an explanation naming the most common strongest token of the examples,
-categories, a category per feature, and detection labels (1 where an excerpt holds the
-explained token). Faults: '429' (with Retry-After), '500', 'slow' (reply after
+categories, a category per feature, detection labels (1 where an excerpt holds the
+explained token), fuzzing labels (1 where a marked token is it) and simulated activations
+(10 on it, else 0; with ``logprobs`` requested, OpenAI-style token log-probabilities from
+``LOGPROB_TOP``). Faults: '429' (with Retry-After), '500', 'slow' (reply after
 ``slow_s``), 'malformed' (prose instead of JSON), 'badbody' (a body that is not JSON),
 '400', 'empty'.
 """
@@ -66,6 +68,15 @@ def answer_for(prompt: str, structured: bool) -> str:
         expl = re.search(r'Feature explanation: "(.*)"', prompt).group(1)
         sid = "token_detectors" if "token" in expl else "other_features"
         return json.dumps({"string_id": sid}) if structured else sid
+    if "marked <<like this>>" in prompt:  # fuzzing: 1 where a marked token is the explained one
+        tok = _explained_token(prompt)
+        excerpts = re.findall(r"^Excerpt \d+: (.*)$", prompt, re.M)
+        return json.dumps({"labels": [int(any(tok == m.strip() for m in re.findall(r"<<(.*?)>>", e)))
+                                      for e in excerpts]})
+    if "predict how strongly the neuron fires" in prompt:  # simulation: 10 on the explained token
+        tok = _explained_token(prompt)
+        lists = [json.loads(m) for m in re.findall(r"^Excerpt \d+ \(\d+ tokens\): (.*)$", prompt, re.M)]
+        return json.dumps({"activations": [[10 if t.strip() == tok else 0 for t in ts] for ts in lists]})
     if "text excerpts" in prompt:
         expl = re.search(r'explained as:\n\n"(.*)"', prompt).group(1)
         tok = re.search(r"'(.*)'", expl)
@@ -73,6 +84,29 @@ def answer_for(prompt: str, structured: bool) -> str:
         excerpts = re.findall(r"^Excerpt \d+: (.*)$", prompt, re.M)
         return json.dumps({"labels": [1 if tok in e else 0 for e in excerpts]})
     return "I do not know what you want."
+
+
+def _explained_token(prompt: str) -> str:
+    expl = re.search(r'explained as:\n\n"(.*)"', prompt).group(1)
+    tok = re.search(r"'(.*)'", expl)
+    return tok.group(1) if tok else "\x00"
+
+
+LOGPROB_TOP = {"0": [["0", 0.7], ["1", 0.2], [",", 0.1]], "10": [["10", 0.7], ["9", 0.2], ["x", 0.1]]}
+"""Alternatives the server offers at a predicted 0 or 10 (probabilities): expected values
+(0*.7 + 1*.2) / .9 = 0.2222 and (10*.7 + 9*.2) / .9 = 9.7778 over the digit tokens."""
+
+
+def logprobs_for(text: str) -> dict:
+    """OpenAI's `choices[0].logprobs`: numbers one token each, other text in runs."""
+    import math
+
+    content = []
+    for tok in re.findall(r"\d+|\D+", text):
+        top = LOGPROB_TOP.get(tok, [[tok, 1.0]])
+        alts = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top]
+        content.append({"token": tok, "logprob": alts[0]["logprob"], "bytes": None, "top_logprobs": alts})
+    return {"content": content, "refusal": None}
 
 
 def parrot_answer(prompt: str, structured: bool) -> str:
@@ -193,7 +227,8 @@ class FakeLLMServer:
                 "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(t),
                 "model": body.get("model"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}],
+                             "finish_reason": "stop",
+                             "logprobs": logprobs_for(text) if body.get("logprobs") else None}],
                 "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}})
         return web.json_response({
             "id": f"msg_{len(self.requests)}", "type": "message", "role": "assistant", "model": body.get("model"),

@@ -39,13 +39,16 @@ class LocalHead:
         self.tmp = Path(tmp)
         self.token_file = self.tmp / "auth_token"
         self.token_file.write_text(secrets.token_hex(32))
+        self.token_file.chmod(0o600)
         # Short: Ray's unix sockets live under it (paths are limited to ~107 bytes).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="r1h-", dir="/tmp"))
         self.gcs_port, self.dash_port, self.client_port = free_port(), free_port(), free_port()
         self.num_cpus = num_cpus
         # Token authentication stays on: clients get the token through the environment.
+        # Single-machine mode: the node IP stays 127.0.0.1 and every port listens there only
+        # (the README's local-head recipe).
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file),
-                        TOKENIZERS_PARALLELISM="false")
+                        TOKENIZERS_PARALLELISM="false", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         self.env.pop("RAY_ADDRESS", None)
         # As a user with the venv activated: the job's `python` is this interpreter (jobs
         # inherit the head's environment), not whatever python comes first on PATH.
@@ -64,7 +67,7 @@ class LocalHead:
         # free_port() picks of the other components live, so they never collide.
         base = 20000 + (self.gcs_port % 12) * 1000
         cmd = [self.ray_cli(), "start", "--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dash_port}",
-               "--dashboard-host=127.0.0.1", f"--ray-client-server-port={self.client_port}",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={self.client_port}",
                f"--min-worker-port={base}", f"--max-worker-port={base + 999}", f"--num-cpus={self.num_cpus}",
                # Every other listening port private too: with the defaults (agent 52365, ...) a
                # head started while another Ray instance runs on the machine (a test session's

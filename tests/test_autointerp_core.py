@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 
 import pytest
 
@@ -159,6 +160,34 @@ def test_gate_books_worst_case_and_settles_real_cost():
         assert gate.admit("m", 1000, 1000).ok  # 0.0007 + 3 * 0.003 = 0.0097
     refused = gate.admit("m", 1000, 1000)
     assert not refused.ok and "budget cap" in refused.reason
+
+
+def test_budget_refusal_prints_the_figures_that_stopped_it():
+    """The issue's case: a cap of $0.02, $0.0139 spent, calls of up to $0.0008. The refusal that
+    stops the stage came with $0.0056 in flight; later refusals, after those settled (the issue
+    printed '$0.0139 spent + $0.0008 in flight'), repeat its figures, which add up past the cap."""
+    gate = Gate({"m": (6000, None)}, {"m": Price(1.0, 1.0)}, budget_usd=0.02)
+    first = gate.admit("m", 6_950, 6_950)  # $0.0139
+    gate.settle(first, 6_950, 6_950)
+    flying = [gate.admit("m", 400, 400) for _ in range(6)]  # 6 x $0.0008 = $0.0048 in flight
+    assert all(a.ok for a in flying)
+    assert gate.admit("m", 400, 400).ok  # 0.0139 + 0.0048 + 0.0008 = 0.0195 < 0.02: admitted
+    refused = gate.admit("m", 400, 400)  # 0.0139 + 0.0056 + 0.0008 = 0.0203 > 0.02
+    assert not refused.ok
+    for a in flying:
+        gate.settle(a, 0, 0)
+    later = gate.admit("m", 400, 400)  # $0.0139 spent + $0.0008 in flight now: would fit, but stopped
+    assert not later.ok and later.reason == refused.reason
+
+    m = re.fullmatch(r"budget cap reached: \$(\S+) spent \+ \$(\S+) in flight \+ \$(\S+) for the next call at most "
+                     r"= \$(\S+), over the cap of \$(\S+)", refused.reason)
+    assert m, refused.reason
+    spent, flight, call, total, cap = map(float, m.groups())
+    assert (spent, flight, call, cap) == (0.0139, 0.0056, 0.0008, 0.02)
+    assert spent + flight + call == pytest.approx(total) and total > cap
+    # figures that round to the cap get more digits until the sum shown is over it
+    from rank1_core.autointerp.pricing import refusal_reason
+    assert "= $0.0200001, over the cap of $0.0200000" in refusal_reason(0.0100001, 0.005, 0.005, 0.02)
 
 
 def test_cache_roundtrip_and_keys(tmp_path):
@@ -323,9 +352,60 @@ def test_worker_timeout_is_retried_and_exhaustion_recorded(tmp_path):
         srv.faults.append("slow")
         res = asyncio.run(w.process(_explain_request()))
         assert res.status == "ok" and res.attempts == 2 and "timeout" in res.retries[0]["error"]
+        assert res.timeouts == 1 and res.row()["timeouts"] == 1  # abandoned: the server may bill it
         srv.faults.extend(["500", "500"])
         res = asyncio.run(w.process(_explain_request("a/b/pos")))
         assert res.status == "error" and "gave up after 2 attempts" in res.error
+        assert res.timeouts == 0  # a 500 is not billed; only timeouts count
+
+
+def test_identical_requests_in_flight_are_paid_once_and_unparsable_answers_never_served(tmp_path):
+    """Six identical requests at once (as two category groups with the same prompt): the
+    server is hit once and every request gets that answer. The answer is malformed: it is
+    returned, not served from the cache, so the next run asks again (once) and caches the
+    good answer; a third run asks nothing."""
+    with FakeLLMServer(api_key=KEY, delay_s=0.3) as srv:
+        ep = Endpoint("m", model="fake-model", base_url=srv.openai_url, api_key_env="K", timeout_s=5.0)
+        cache = ResponseCache(str(tmp_path / "cache"))
+        gate = Gate({"m": (60_000, None)}, {"m": Price(1.0, 1.0)})
+
+        def run():
+            runner = AsyncRunner(lambda: Worker({"m": ep}, {"m": Secret(KEY)}, LocalGate(gate), cache,
+                                                RetryPolicy(base_s=0.01)), concurrency=8)
+            one = _explain_request()
+            reqs = [LLMRequest("explain", "m", one.prompt, 200, schema=one.schema, tag=f"g{i}/x/pos",
+                               origin="attempt-1", check=P.parse_explanation) for i in range(6)]
+            return runner.run(reqs)
+
+        srv.rules.append([" Wait", "malformed", 1])
+        first = run()
+        assert len(srv.requests) == 1
+        assert sorted(r.status for r in first) == ["cached"] * 5 + ["ok"]
+        assert len({r.text for r in first}) == 1 and "hard to say" in first[0].text
+        assert gate.budget.spent > 0 and sum(r.cost_usd for r in first) == pytest.approx(gate.budget.spent)
+        entry = cache.get(first[0].key)
+        assert entry["unparsable"] and entry["paid_by"] == "attempt-1"  # a cost record, never served
+
+        second = run()
+        assert len(srv.requests) == 2
+        assert P.parse_explanation(second[0].text).explanation == "the token 'Wait'"
+        third = run()
+        assert len(srv.requests) == 2 and all(r.status == "cached" for r in third)
+
+
+def test_cache_entries_written_before_parsing_was_checked_are_not_served(tmp_path):
+    """A cache poisoned by an older version (a malformed answer stored as good) is asked again."""
+    with FakeLLMServer(api_key=KEY) as srv:
+        w, _ = _worker(srv, tmp_path)
+        req = _explain_request()
+        w.cache.put(w.key_of(req), {"text": "not json at all", "tokens_in": 1, "tokens_out": 1})
+        unchecked = asyncio.run(w.process(req))  # no parser given: served as before
+        assert unchecked.status == "cached" and srv.requests == []
+        checked = LLMRequest(req.task, req.model, req.prompt, req.max_tokens, req.schema, tag=req.tag,
+                             check=P.parse_explanation)
+        res = asyncio.run(w.process(checked))
+        assert res.status == "ok" and len(srv.requests) == 1
+        assert w.cache.get(res.key)["unparsable"] is None
 
 
 def test_worker_budget_stop_is_a_result(tmp_path):

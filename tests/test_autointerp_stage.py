@@ -67,11 +67,11 @@ def write_topk(run_dir: Path, k: int = 8) -> None:
     st.write_text("_SUCCESS", "fixture\n")
 
 
-def models_override(srv: FakeLLMServer, openai_price=(0.25, 2.0), rpm=6000) -> str:
+def models_override(srv: FakeLLMServer, openai_price=(0.25, 2.0), rpm=6000, timeout_s=10) -> str:
     models = [
         {"name": "gpt-5-mini", "provider": "openai", "base_url": srv.openai_url,
          "api_key_env": "RANK1_FAKE_OPENAI_KEY", "rpm": rpm, "tpm": None,
-         "input_usd_per_mtok": openai_price[0], "output_usd_per_mtok": openai_price[1], "timeout_s": 10},
+         "input_usd_per_mtok": openai_price[0], "output_usd_per_mtok": openai_price[1], "timeout_s": timeout_s},
         {"name": "claude-opus-4-1", "provider": "anthropic", "base_url": srv.anthropic_url,
          "api_key_env": "RANK1_FAKE_ANTHROPIC_KEY", "rpm": rpm, "tpm": None,
          "input_usd_per_mtok": 15.0, "output_usd_per_mtok": 75.0, "timeout_s": 10},
@@ -87,7 +87,7 @@ def keys(monkeypatch):
 
 def _cfg(tiny_cfg, tmp_path, srv, *extra, **model_kw):
     return tiny_cfg(models_override(srv, **model_kw), f"autointerp.cache_dir={tmp_path / 'llm-cache'}",
-                    "autointerp.retry_base_s=0.01", *extra)
+                    "autointerp.retry_base_s=0.01", "autointerp.scorers=[detection]", *extra)  # fuzz/sim: test_scorers
 
 
 def _no_keys_in(*dirs: Path) -> None:
@@ -161,12 +161,18 @@ def test_stage_end_to_end_through_both_sdks(tiny_cfg, tmp_path, keys):
         assert con.sql("SELECT sum(cost_usd) FROM llm_calls").fetchall()[0][0] > 0
         con.close()
 
-        # a forced rerun rebuilds the same prompts: every answer comes from the cache
+        # the unparsable answer was paid (and logged) but is never served from the cache
+        bad_calls = [c for c in calls if c["error"] and "unparsable" in c["error"]]
+        assert [(c["task"], c["feature"]) for c in bad_calls] == [("explain", "L00_gate_proj")]
+
+        # a forced rerun rebuilds the same prompts: every answer comes from the cache, except
+        # the unparsable one, which is asked again
         n = len(srv.requests)
         m2 = autointerp.run(cfg, force=True)
-        assert len(srv.requests) == n
-        assert m2["extra"]["calls"] == {"cached": 9 + 2 + 8 + 8}
-        assert m2["extra"]["spend_usd"] == 0
+        again = srv.requests[n:]
+        assert len(again) == 1 and "Hmm 10.00" in again[0]["prompt"]
+        assert m2["extra"]["calls"] == {"cached": 9 + 2 + 8 + 8 - 1, "ok": 1}
+        assert m2["extra"]["spend_usd"] > 0
         assert pq.read_table(out / "explanations.parquet").to_pylist() == t
         _no_keys_in(run_dir, tmp_path / "llm-cache")
 
@@ -249,16 +255,87 @@ def test_resume_after_a_crash_repeats_no_call(tiny_cfg, tmp_path, keys):
                   any(e for e in [cache.get(k) for k in _keys(cache)] if e["request"]["prompt"] == r["prompt"])}
         assert stored
 
+        # every answer the killed attempt paid for is in the cache; its call log (flushed every
+        # 5 s or 64 rows) holds fewer of them
+        entries = [cache.get(k) for k in _keys(cache)]
+        logged = sum(pq.read_metadata(p).num_rows for p in (stage / "calls").glob("part-*.parquet"))
+
         m = autointerp.run(cfg)
         second = srv.requests[len(first):]
         assert not {r["prompt"] for r in second} & stored  # nothing paid twice
         assert m["extra"]["calls"].get("cached", 0) >= len(stored)
         t = pq.read_table(stage / "explanations.parquet").to_pylist()
         assert sum(1 for r in t if r["explanation"]) == 9 and (stage / "_SUCCESS").exists()
+        # the spend counts every paid answer: the killed attempt's (logged or recovered) and the rerun's
+        ex = m["extra"]
+        assert ex["spend_total_usd"] == pytest.approx(sum(e["cost_usd"] for e in entries) + ex["spend_usd"], abs=2e-6)
+        assert ex["calls_recovered"] == len(entries) - logged
 
 
 def _keys(cache) -> list[str]:
-    return [p.stem for p in Path(cache.root).rglob("*.json")]
+    return [p.stem for p in Path(cache.root).rglob("*.json") if not p.name.startswith(".")]  # not temp files
+
+
+def test_torn_call_log_part_is_quarantined_and_paid_calls_recovered(tiny_cfg, tmp_path, keys, capsys):
+    """What a SIGKILL mid-stage leaves, made deterministic: no marker, no merged call log, one
+    part torn mid-write (a really truncated Parquet file), the rows of the others never
+    flushed, a temp file of an interrupted write. The rerun says which file is torn, moves it
+    aside and finishes; the spend still counts every paid answer (recovered from the cache)."""
+    from ray_jobs import autointerp
+
+    with FakeLLMServer() as srv:
+        cfg = _cfg(tiny_cfg, tmp_path, srv)
+        run_dir = Path(cfg.run.dir)
+        write_topk(run_dir)
+        m1 = autointerp.run(cfg)
+        paid = m1["extra"]["spend_total_usd"]
+        assert paid > 0 and m1["extra"]["calls"] == {"ok": 29}  # 9 explain, 2 categories, 9 score, 9 categorize
+        stage = run_dir / "autointerp"
+        for name in ("_SUCCESS", "manifest.json", "calls.parquet"):
+            (stage / name).unlink()
+        parts = sorted((stage / "calls").glob("part-*.parquet"))
+        torn = parts[0]
+        data = torn.read_bytes()
+        torn.write_bytes(data[: len(data) // 2])
+        for p in parts[1:]:
+            p.unlink()
+        (stage / "calls" / ".tmp-0badf00d-part-x.parquet").write_bytes(data[:100])
+        n = len(srv.requests)
+        capsys.readouterr()
+        m2 = autointerp.run(cfg)
+        log = capsys.readouterr().out
+    assert "resuming a partial run" in log
+    assert f"calls/{torn.name} is unreadable, torn by a crashed attempt" in log and "ArrowInvalid" in log
+    assert not torn.exists() and torn.with_name(torn.name + ".corrupt").read_bytes() == data[: len(data) // 2]
+    assert len(srv.requests) == n and m2["extra"]["calls"] == {"cached": 29}  # nothing paid twice
+    assert m2["extra"]["calls_recovered"] == 29
+    assert m2["extra"]["spend_total_usd"] == pytest.approx(paid, abs=2e-6)
+    calls = pq.read_table(stage / "calls.parquet").to_pylist()
+    rec = [c for c in calls if c["recovered"]]
+    assert len(rec) == 29 and all(c["status"] == "ok" and c["cost_usd"] > 0 for c in rec)
+    assert {c["key"] for c in rec} == {c["key"] for c in calls if c["status"] == "cached"}
+    assert (stage / "_SUCCESS").exists()
+    # a third run of the finished stage has nothing to recover or repeat
+    assert autointerp.run(cfg)["extra"]["spend_total_usd"] == m2["extra"]["spend_total_usd"]
+
+
+def test_calls_abandoned_at_the_timeout_are_counted(tiny_cfg, tmp_path, keys):
+    """The client gives up at timeout_s and retries; the server still finished the abandoned
+    call (a provider bills it). The call log and the manifest count such tries."""
+    from ray_jobs import autointerp
+
+    with FakeLLMServer(slow_s=2.5) as srv:
+        cfg = _cfg(tiny_cfg, tmp_path, srv, timeout_s=1.5)
+        write_topk(Path(cfg.run.dir))
+        srv.rules.append(["Hmm 10.00", "slow", 1])  # L00_gate_proj's explanation: once too slow
+        m = autointerp.run(cfg)
+        time.sleep(1.2)  # let the server finish the abandoned request
+        sent = [r for r in srv.requests if "Hmm 10.00" in r["prompt"] and "<neuron_activations>" in r["prompt"]]
+    assert len(sent) == 2 and sent[0]["fault"] == "slow"
+    calls = pq.read_table(Path(cfg.run.dir) / "autointerp" / "calls.parquet").to_pylist()
+    timed = [c for c in calls if c["timeouts"]]
+    assert [(c["feature"], c["timeouts"], c["attempts"], c["status"]) for c in timed] == [("L00_gate_proj", 1, 2, "ok")]
+    assert m["extra"]["abandoned_after_timeout"] == 1 == m["extra"]["abandoned_after_timeout_all_attempts"]
 
 
 def test_bad_inputs_name_the_file_and_column(tiny_cfg, tmp_path, keys):

@@ -36,7 +36,7 @@ def test_unknown_override_key():
 
 @pytest.mark.parametrize("override,match", [
     ("run.seed=abc", r"'run\.seed' must be an integer, got 'abc'"),
-    ("data.source=hub", r"'data\.source' must be one of \['synthetic', 's1k'\], got 'hub'"),
+    ("data.source=hub", r"'data\.source' must be one of \['synthetic', 's1k', 'chat'\], got 'hub'"),
     ("data.hesitation_share=1.5", r"data\.hesitation_share must be in \[0, 1\], got 1\.5"),
     ("model.tiny.num_heads=3", r"hidden_size \(64\) must be divisible by model\.tiny\.num_heads \(3\)"),
     ("data.max_seq_len=true", r"'data\.max_seq_len' must be an integer, got True"),

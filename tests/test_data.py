@@ -117,7 +117,7 @@ def test_s1k_skip_policy_counts(tmp_path):
 def test_bad_utf8_empty_file_and_bad_json(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_bytes(json.dumps(s1k_row(0)).encode() + b"\n" + b'{"question": "\xff\xfe"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: row 2: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 2: not valid UTF-8 \(byte 14 of the row\)"):
         load_s1k(DataConfig(source="s1k", path=str(f)), Skipped())
     e = tmp_path / "empty.jsonl"
     e.write_text("")
@@ -127,6 +127,71 @@ def test_bad_utf8_empty_file_and_bad_json(tmp_path):
     j.write_text(json.dumps(s1k_row(0)) + "\n{not json\n")
     with pytest.raises(DataError, match=r"j\.jsonl: row 2: not valid JSON"):
         load_s1k(DataConfig(source="s1k", path=str(j)), Skipped())
+
+
+def jsonl_with_bad_rows(path):
+    """3 good rows, then bad UTF-8 (line 4), a blank line, bad JSON (line 6), a list (line 7)."""
+    good = [json.dumps(s1k_row(i)).encode() for i in range(3)]
+    bad = json.dumps(s1k_row(3)).encode().replace(b"question 3", b"question \xe9\xff")
+    path.write_bytes(b"\n".join([*good, bad, b"", b'{"question": ', b"[1, 2]"]) + b"\n")
+    return str(path)
+
+
+def test_skip_policy_skips_rows_that_cannot_be_read(tmp_path):
+    """bad_rows: skip applies to a row with invalid UTF-8, invalid JSON or no object, each
+    counted; the other rows are read (each line decoded on its own)."""
+    path = jsonl_with_bad_rows(tmp_path / "s1k.jsonl")
+    skipped = Skipped()
+    rows = load_s1k(DataConfig(source="s1k", path=path, bad_rows="skip"), skipped)
+    assert [r["question"] for r in rows] == ["question 0", "question 1", "question 2"]
+    assert skipped.counts == {"not valid UTF-8": 1, "not valid JSON": 1, "not a JSON object": 1}
+    assert [e.split(".jsonl: ")[1] for e in skipped.examples] == [
+        "row 4: not valid UTF-8", "row 6: not valid JSON", "row 7: not a JSON object"]
+    with pytest.raises(DataError, match=r"s1k\.jsonl: row 4: not valid UTF-8 \(byte 23 of the row\)"):
+        load_s1k(DataConfig(source="s1k", path=path), Skipped())
+
+
+def test_skip_policy_on_json_csv_and_parquet_with_bad_utf8(tmp_path):
+    """A JSON list, a CSV file and a Parquet string cell holding bytes that are not UTF-8: the
+    row is skipped and counted, or named in the error."""
+    rows = [s1k_row(i) for i in range(3)]
+    text = json.dumps(rows).encode()
+    (tmp_path / "s.json").write_bytes(text.replace(b"question 1", b"question \xff"))
+    header = ",".join(S1K_COLUMNS).encode()
+    lines = [",".join(json.dumps(r[c]) for c in S1K_COLUMNS).encode() for r in rows]
+    lines[2] = lines[2].replace(b"question 2", b"question \xc3(")
+    (tmp_path / "s.csv").write_bytes(b"\n".join([header, *lines]) + b"\n")
+    table = pa.Table.from_pylist(rows)
+    raw = pa.array([r["question"].encode() for r in rows[:2]] + [b"\xff"], pa.binary())
+    table = table.set_column(table.column_names.index("question"), "question", raw.view(pa.string()))
+    pq.write_table(table, tmp_path / "s.parquet")
+    for name, bad_row, match in (("s.json", 2, r"s\.json: row 2: field 'question' is not valid UTF-8"),
+                                 ("s.csv", 3, r"s\.csv: row 3: field 'question' is not valid UTF-8"),
+                                 ("s.parquet", 3, r"s\.parquet: row 3: column 'question' is not valid UTF-8")):
+        path = str(tmp_path / name)
+        skipped = Skipped()
+        got = load_s1k(DataConfig(source="s1k", path=path, bad_rows="skip"), skipped)
+        assert [r["question"] for r in got] == [f"question {i}" for i in range(3) if i != bad_row - 1], name
+        assert skipped.counts == {"not valid UTF-8": 1} and f"row {bad_row}" in skipped.examples[0], name
+        with pytest.raises(DataError, match=match):
+            load_s1k(DataConfig(source="s1k", path=path), Skipped())
+    # a file that cannot be split into rows stops under either policy, naming the file
+    (tmp_path / "x.json").write_bytes(b'[{"question": 1}, \xff]')
+    with pytest.raises(DataError, match=r"x\.json: not valid JSON"):
+        load_s1k(DataConfig(source="s1k", path=str(tmp_path / "x.json"), bad_rows="skip"), Skipped())
+
+
+def test_prepare_manifest_counts_a_skipped_bad_utf8_row(tiny_cfg, tmp_path):
+    import json as _json
+
+    from ray_jobs import prepare
+
+    path = jsonl_with_bad_rows(tmp_path / "s1k.jsonl")
+    cfg = tiny_cfg("data.source=s1k", f"data.path={path}", "data.bad_rows=skip", "data.heldout_traces=1")
+    prepare.run(cfg)
+    m = _json.loads((tmp_path / "run" / "prepare" / "manifest.json").read_text())
+    assert m["extra"]["skipped_rows"] == {"not valid UTF-8": 1, "not valid JSON": 1, "not a JSON object": 1}
+    assert m["rows"]["traces"] == 3
 
 
 def test_missing_file_and_unknown_hub_id_offline(tmp_path, monkeypatch):

@@ -57,6 +57,37 @@ def test_missing_upstream_stage_is_named(tiny_cfg, prepared_run, copy_run):
         evaluate.run(tiny_cfg(run_dir=copy_run(prepared_run)))
 
 
+def test_summary_and_both_table1s_show_the_marker_rate():
+    """evaluate's summary keeps each variant's prompt; Table 1 (evaluate's table1.md and the
+    report's) shows the share of think-prompted responses that reached the answer marker."""
+    from rank1_core.grading import table1, table1_markdown
+    from rank1_core.report import tables as tabs
+
+    rows = []
+    for v, prompt, marks in (("base", "plain", [0, 0, 0, 0]), ("lora", "think", [1, 1, 1, 0]),
+                             ("full", "think", [1, 1, 1, 1])):
+        for i, m in enumerate(marks):
+            rows.append({"variant": v, "benchmark": "b", "problem_id": str(i), "sample": 0, "n_tokens": 8,
+                         "finished": bool(m), "marker_found": bool(m), "correct": bool(m) and i < 2 + (v == "full"),
+                         "prompt": prompt})
+    summary = evaluate.summarize(pd.DataFrame(rows))
+    assert summary.set_index("variant").loc[["base", "lora", "full"], "prompt"].tolist() == ["plain", "think", "think"]
+    assert summary.set_index("variant")["marker_rate"].to_dict() == {"base": 0.0, "full": 1.0, "lora": 0.75}
+    md = table1_markdown(table1(summary, ["b"]))
+    assert "Answer marker reached (LoRA / full) |" in md and "| 75.0% / 100.0% |" in md
+    t1 = tabs.table1(summary)
+    assert t1.loc[0, "base_marker_rate"] is None and t1.loc[0, "lora_marker_rate"] == 0.75
+    disp = tabs.table1_display(t1)
+    assert disp.columns.tolist()[-1] == "Answer marker reached (Rank-1 LoRA / Full fine-tune)"
+    assert disp.iloc[0, -1] == "75.0% / 100.0%"
+    assert disp["Rank-1 LoRA"][0] == "0.5000 ± 0.2887"  # the marker column is not taken for a variant
+    # the transcoder adapters (transcoder_eval's summary, think prompts) join the column
+    tsum = pd.DataFrame({"variant": ["transcoder"], "benchmark": ["b"], "pass1": [0.25], "marker_rate": [0.5]})
+    disp = tabs.table1_display(tabs.table1_add_transcoder(t1, tsum))
+    assert disp.columns.tolist()[-1] == "Answer marker reached (Rank-1 LoRA / Full fine-tune / Transcoder adapters)"
+    assert disp.iloc[0, -1] == "75.0% / 100.0% / 50.0%"
+
+
 def check_outputs(run_dir, variants, n_problems=16, max_tokens=16):
     st = run_dir / "evaluate"
     samples = pd.read_parquet(st / "samples.parquet")
@@ -71,6 +102,11 @@ def check_outputs(run_dir, variants, n_problems=16, max_tokens=16):
     for r in summary.itertuples():
         got = samples[samples["variant"] == r.variant]["correct"].mean()
         assert r.pass1 == pytest.approx(got)
+    # a think response that never reached the answer marker is graded wrong (evaluate.missing_marker)
+    think = samples[samples["prompt"] == "think"]
+    assert not (think["correct"] & ~think["marker_found"]).any()
+    assert think["extracted"][~think["marker_found"]].isna().all()
+    assert summary["prompt"].notna().all()
     return samples, summary
 
 
@@ -93,6 +129,7 @@ def test_evaluate_then_ablate_end_to_end(tiny_cfg, prepared_run, copy_run, tiny_
     t1 = pd.read_csv(run_dir / "evaluate" / "table1.csv")
     assert t1["benchmark"].tolist() == ["arith-heldout"]
     assert "% Recovery" in (run_dir / "evaluate" / "table1.md").read_text()
+    assert t1["base_marker_rate"].isna().all() and t1["lora_marker_rate"].notna().all()  # base: plain prompt
     assert m["extra"]["lora_mode"] == {"base": None, "lora": "peft", "full": None}
     assert set(m["inputs"]) == {"prepare", "train", "train_full"}
     # The base is prompted in its own chat format (evaluate.base_prompt: plain), the others in s1's.

@@ -241,9 +241,14 @@ def test_no_adapter_is_a_clear_error(tmp_path, tiny_model_dir):
         A.Extractor(tiny_model_dir, str(tmp_path / "nothing"))
 
 
-def test_rank_two_adapter_is_rejected(tiny_model_dir, tmp_path):
+def test_adapter_whose_rank_disagrees_with_its_weights_is_rejected(tiny_model_dir, tmp_path):
+    """Any rank is read (tests/test_byo.py); a config whose r is not its tensors' rank is not."""
+    import json
+
     ad = make_adapter(tiny_model_dir, tmp_path / "r2", modules=["q_proj"], r=2)
-    with pytest.raises(A.ExtractError, match=r"r = 2.*rank-1"):
+    conf = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**conf, "r": 3}))
+    with pytest.raises(A.ExtractError, match=r"r = 3 but tensor .*q_proj.lora_A.* has rank 2"):
         A.read_adapter(ad, 2)
 
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rank1_core.grading import (BenchmarkError, extract_choice, grade, grade_math, pass_at_1, read_benchmark,
-                                recovery, relative_gain, split_answer, summarize, table1, table1_markdown,
-                                table2, table2_markdown)
+from rank1_core.grading import (BenchmarkError, extract_choice, grade, grade_math, grade_samples, pass_at_1,
+                                read_benchmark, recovery, relative_gain, split_answer, summarize, table1,
+                                table1_markdown, table2, table2_markdown)
 
 MARK = "<|im_start|>answer"
 
@@ -75,14 +75,54 @@ def test_thinking_is_stripped_up_to_the_last_answer_marker():
     assert split_answer(resp2, MARK) == ("The answer is 2.", True)
 
 
-def test_response_without_marker_grades_its_tail_and_says_so():
+def test_response_without_marker_grades_its_tail_when_asked_and_says_so():
     resp = "The answer is 3. " + "blah " * 100 + "so it is 9"
     text, found = split_answer(resp, MARK, tail_chars=20)
     assert not found and len(text) <= 20 and text.endswith("so it is 9")
-    g = grade(resp, "9", "math", MARK, tail_chars=20)
+    g = grade(resp, "9", "math", MARK, tail_chars=20, missing_marker="grade_tail")
     assert g.correct and not g.marker_found
-    g = grade(resp, "3", "math", MARK, tail_chars=20)
+    g = grade(resp, "3", "math", MARK, tail_chars=20, missing_marker="grade_tail")
     assert not g.correct
+
+
+def test_unfinished_think_response_is_wrong_by_default():
+    """Cut off mid-thought (no answer marker): a number in the thinking is not an answer."""
+    resp = "<|im_start|>think\nThe answer is \\boxed{24}"
+    g = grade(resp, "24", "math", MARK)
+    assert (g.correct, g.marker_found, g.extracted) == (False, False, None)
+    assert not grade("hmm, (B) looks right", "B", "mc", MARK).correct
+    # the old behaviour, on request
+    assert grade(resp, "24", "math", MARK, missing_marker="grade_tail").correct
+    # once the answer section is reached it is graded as before
+    assert grade(resp + f"\n{MARK}\n\\boxed{{24}}", "24", "math", MARK).correct
+    with pytest.raises(ValueError, match="missing_marker must be one of wrong, grade_tail, got 'tail'"):
+        grade(resp, "24", "math", MARK, missing_marker="tail")
+    with pytest.raises(ValueError, match="prompt must be one of think, plain, got 'chat'"):
+        grade(resp, "24", "math", MARK, prompt="chat")
+
+
+def test_plain_prompt_is_graded_on_the_whole_response():
+    """The base model in its own chat format writes no marker: its whole answer is graded
+    (not only the last tail_chars characters)."""
+    resp = "So the result is \\boxed{24}. " + "Let me double-check each step once more. " * 20
+    g = grade(resp, "24", "math", MARK, tail_chars=300, prompt="plain")
+    assert g.correct and not g.marker_found and g.extracted == "24"
+    assert not grade(resp, "24", "math", MARK, tail_chars=300, missing_marker="grade_tail").correct
+    assert grade("After some thought: (C).", "C", "mc", MARK, prompt="plain").correct
+
+
+def test_grade_samples_follows_each_rows_prompt():
+    resp = "thinking... \\boxed{5}"
+    gen = pd.DataFrame({"variant": ["base", "lora", "lora"], "benchmark": "b", "problem_id": ["1", "1", "2"],
+                        "sample": 0, "response": [resp, resp, f"hm {MARK} \\boxed{{5}}"], "n_tokens": 5,
+                        "finished": [True, False, True], "backend": "transformers", "lora_mode": None,
+                        "answer": "5", "kind": "math", "n_choices": 0, "prompt": ["plain", "think", "think"]})
+    out = grade_samples(gen, MARK)
+    assert out["correct"].tolist() == [True, False, True]
+    assert out["marker_found"].tolist() == [False, False, True]
+    assert grade_samples(gen, MARK, missing_marker="grade_tail")["correct"].tolist() == [True, True, True]
+    # without a prompt column every row is a think prompt
+    assert grade_samples(gen.drop(columns="prompt"), MARK)["correct"].tolist() == [False, False, True]
 
 
 def test_grade_multiple_choice_by_letter():
@@ -159,6 +199,20 @@ def test_table1_for_any_benchmarks_with_undefined_recovery():
     t = table1(_summary({("base", "x"): 0.1, ("lora", "x"): 0.3}))
     assert t.loc[0, "recovery_text"] == "undefined"
     assert "n/a" in table1_markdown(t)
+
+
+def test_table1_shows_the_marker_rate_of_think_prompted_variants():
+    s = _summary({("base", "aime"): 0.2333, ("lora", "aime"): 0.5, ("full", "aime"): 0.6})
+    s["marker_rate"] = [0.0, 0.875, 1.0]
+    s["prompt"] = ["plain", "think", "think"]
+    t = table1(s)
+    assert math.isnan(t.loc[0, "base_marker_rate"])  # plain prompt: no marker expected
+    assert (t.loc[0, "lora_marker_rate"], t.loc[0, "full_marker_rate"]) == (0.875, 1.0)
+    md = table1_markdown(t)
+    assert "| % Recovery | Answer marker reached (LoRA / full) |" in md
+    assert "| 72.73% | 87.5% / 100.0% |" in md
+    s["prompt"] = "think"  # evaluate.base_prompt: think
+    assert "| 72.73% | 0.0% / 87.5% / 100.0% |" in table1_markdown(table1(s))
 
 
 def test_table2_like_the_paper():

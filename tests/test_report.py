@@ -190,6 +190,19 @@ def test_no_raw_injection_in_any_written_file(evil_report):
     assert "\\u003cscript\\u003ealert(1)" in page  # the context tokens, in the page's JSON
 
 
+def test_markdown_tables_escape_html(evil_report):
+    _, out, _ = evil_report
+    for p in out.rglob("*.md"):
+        assert "<" not in p.read_text() and ">" not in p.read_text(), p  # no raw markup in any Markdown file
+    cats = (out / "tables/figure2_categories.md").read_text()
+    assert "&quot;" not in cats and '"&gt;&lt;img src=x onerror=alert(1)&gt; category' in cats
+    from rank1_core.report.tables import md_escape, to_markdown
+
+    assert md_escape("<img src=x onerror=alert(2)> a|b & c\nd") == "&lt;img src=x onerror=alert(2)&gt; a\\|b &amp; c d"
+    assert to_markdown(pd.DataFrame({"category": ["<img src=x onerror=alert(2)>"], "n": [3]})).splitlines()[2] == (
+        "| &lt;img src=x onerror=alert(2)&gt; | 3 |")
+
+
 def test_feature_page_data(evil_report):
     run, out, _ = evil_report
     html_text = (out / "features/adapter/L01_gate_proj.html").read_text()

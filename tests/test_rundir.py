@@ -105,3 +105,80 @@ def test_remote_style_filesystem_roundtrip(tmp_path):
     with st.local_copy("model") as p:
         assert (p / "w.bin").read_bytes() == b"123"
     assert st.is_done("h")
+
+
+# --------------------------------------------------------------------------- reruns of a finished stage
+
+
+def test_failed_rerun_leaves_the_finished_stage_done_and_intact(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    st = run.stage("s")
+    run_stage(st, "h1", "cfg: 1\n", _body(1), log=lambda _: None)
+
+    def bad_input(sr):
+        sr.stage.write_text("out/a.txt", "half-written")
+        sr.stage.write_text("ckpt/step1", "x")
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        run_stage(st, "h2", "cfg: 2\n", bad_input, resumable=True, log=lambda _: None)
+    assert st.is_done("h1") and st.read_text("out/a.txt") == "hello" and st.read_text("config.yaml") == "cfg: 1\n"
+    assert run.status() == {"s": "done"} and run.rebuilding() == ["s"]
+    # the rerun with the same config resumes its own folder, then replaces the old outputs
+    seen = []
+
+    def finish(sr):
+        seen.append(sr.stage.exists("ckpt/step1"))
+        sr.stage.write_text("out/a.txt", "new")
+
+    run_stage(st, "h2", "cfg: 2\n", finish, resumable=True, log=lambda _: None)
+    assert seen == [True] and st.is_done("h2") and st.read_text("out/a.txt") == "new"
+    assert json.loads(st.read_text("manifest.json"))["config_hash"] == "h2"
+    assert run.rebuilding() == [] and sorted(p.name for p in (tmp_path / "run").iterdir()) == [".staging", "s"]
+    assert list((tmp_path / "run" / ".staging").iterdir()) == []
+
+
+def test_publish_cut_between_its_renames_is_finished_on_the_next_run(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    st = run.stage("s")
+    run_stage(st, "h1", "", _body(1), log=lambda _: None)
+    run_stage(st, "h2", "", _body(2), log=lambda _: None)  # published: staging gone
+    # as if killed after moving the old folder away and before moving the new one in
+    new = st.staging()
+    run_stage(new, "h3", "", _body(3), log=lambda _: None)
+    (tmp_path / "run" / "s").rename(tmp_path / "run" / ".staging" / "s.old")
+    calls = []
+    run_stage(st, "h3", "", lambda sr: calls.append(1), log=lambda _: None)
+    assert calls == [] and st.is_done("h3") and not (tmp_path / "run" / ".staging" / "s.old").exists()
+
+
+def test_rerun_on_a_filesystem_without_local_paths(tmp_path):
+    run = RunDir(str(tmp_path / "x"))
+    run.fs = pafs.SubTreeFileSystem(str(tmp_path / "remote"), pafs.LocalFileSystem())
+    run.root = "run"
+    st = run.stage("s")
+    run_stage(st, "h1", "", _body(1), log=lambda _: None)
+    with pytest.raises(RuntimeError):
+        run_stage(st, "h2", "", lambda sr: (_ for _ in ()).throw(RuntimeError("boom")), log=lambda _: None)
+    assert st.is_done("h1")
+    run_stage(st, "h2", "", _body(2), log=lambda _: None)
+    assert st.is_done("h2") and json.loads(st.read_text("manifest.json"))["rows"] == {"things": 2}
+
+
+def test_atomic_output_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from rank1_core.rundir import atomic_local_path, atomic_output, write_parquet_atomic
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = pafs.LocalFileSystem(), str(tmp_path / "t.parquet")
+    write_parquet_atomic(fs, path, pa.table({"a": [1, 2]}))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(fs, path) as out:
+            out.write(b"PAR1 torn")
+            raise KeyboardInterrupt
+    assert pq.read_table(path).column("a").to_pylist() == [1, 2]
+    with pytest.raises(OSError):
+        with atomic_local_path(tmp_path / "fig.png") as p:
+            p.write_bytes(b"half")
+            raise OSError("disk full")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["t.parquet"]  # no temporary left over

@@ -451,6 +451,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    from rank1_core.harness import load_checkpoint, save_checkpoint
+
     write_extract_stage(tmp_path, tokens=800, files=2)
     inputs = StageInputs.from_extract(None, str(tmp_path / "extract"))
     cfg = build_cfg(shuffle_buffer=200, epochs=3)
@@ -467,27 +469,27 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
         return inputs.batches(cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=ep, drop_last=True)
 
     full = make(0)
-    run_training(full, batches, spe)
+    full_state = run_training(full, batches, spe)
 
     class Crash(Exception):
         pass
 
-    def crash_at_17(tr, m):
-        if tr.step == 17:
-            tr.save_checkpoint(str(tmp_path))
+    def crash_at_17(m, state, ckpt):
+        if state.step == 17:
+            save_checkpoint(part, state, tmp_path)
             raise Crash
 
     part = make(0)
     with pytest.raises(Crash):
-        run_training(part, batches, spe, on_step=crash_at_17)
+        run_training(part, batches, spe, report=crash_at_17)
     resumed = make(99)  # different init: everything must come from the checkpoint
-    resumed.load_checkpoint(str(tmp_path))
-    assert resumed.step == 17
-    run_training(resumed, batches, spe)
-    assert resumed.step == full.step == 36
+    state = load_checkpoint(resumed, tmp_path)
+    assert resumed.steps == state.step == 17
+    state = run_training(resumed, batches, spe, state)
+    assert resumed.steps == full.steps == state.step == full_state.step == 36
     for name, t in full.sae.state_dict().items():
         assert torch.equal(t, resumed.sae.state_dict()[name]), name
-    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+    assert [m["loss"] for m in state.history] == [m["loss"] for m in full_state.history]
 
 
 # --------------------------------------------------------------------------- the whole stage without Ray

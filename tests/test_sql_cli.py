@@ -1,4 +1,4 @@
-"""`rank1 sql` over a hand-made run: the README's example queries with hand-computed answers,
+"""`rank1 sql` over a hand-made run: the example queries of docs/sql.md with hand-computed answers,
 output formats, --list, and errors that name what is missing."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ray_jobs import sql as sqlcmd
 
 from test_sql_queries import A_VALS, B_VALS, write_fixture
 
-# The three example queries of the README (readme-extract.md), verbatim but for the token text.
+# The three example queries of docs/sql.md, verbatim but for the token text.
 EX_TOP_TOKENS = """
 SELECT t.token, a.L00_q_proj AS value, a.doc_id, a.pos
 FROM activations AS a JOIN tokens AS t USING (doc_id, pos)

@@ -210,35 +210,108 @@ def test_topk_hits_sparse(con):
     assert got[1][:6] == ("F00003", "pos", 2, 0, 1, 2.0) and got[1][6:] == ([1, 3], [2.0, 1.0])
 
 
-def brute_force(values: dict[int, np.ndarray], k: int, cap: int):
-    """The definition, in NumPy: per document its `cap` strongest, then the `k` strongest."""
+def reference_hits(doc: np.ndarray, pos: np.ndarray, val: np.ndarray, k: int, cap: int) -> dict[str, list]:
+    """The definition, in NumPy, for one feature's stored values: per sign, order by strength
+    (ties: lower doc_id, then lower pos), keep a value unless its document already gave `cap`,
+    stop at `k`. Returns {sign: [(doc_id, pos, value), ...]}."""
     out = {}
     for sign, s in (("pos", 1.0), ("neg", -1.0)):
-        cands = []
-        for doc, v in values.items():
-            strength = s * v
-            idx = [i for i in np.argsort(-strength, kind="stable") if strength[i] > 0][:cap]
-            cands += [(-strength[i], doc, int(i)) for i in idx]
-        out[sign] = [(d, p) for _, d, p in sorted(cands)[:k]]
+        strength = s * val
+        keep = strength > 0
+        d, p, v, st = doc[keep], pos[keep], val[keep], strength[keep]
+        order = np.lexsort((p, d, -st))  # last key first: strength desc, then doc, then pos
+        d, p, v = d[order], p[order], v[order]
+        # rank of each value within its document along that order: 0, 1, 2... per doc
+        first = {}
+        nth = np.empty(len(d), dtype=np.int64)
+        for i, x in enumerate(d):
+            nth[i] = first.get(x, 0)
+            first[x] = nth[i] + 1
+        sel = np.flatnonzero(nth < cap)[:k]
+        out[sign] = [(int(d[i]), int(p[i]), float(v[i])) for i in sel]
     return out
 
 
-def test_topk_hits_match_brute_force_on_random_data(tmp_path):
-    """Random documents of random lengths: the threshold pruning never loses a hit."""
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(1, 40, size=25)
-    vals = {d: rng.standard_normal(n).astype(np.float32) * rng.uniform(0.1, 3) for d, n in enumerate(lengths)}
-    con = S.connect(None)
-    con.register("vals", pa.table({
-        "doc_id": pa.array(np.repeat(np.arange(25), lengths), pa.int64()),
-        "pos": pa.array(np.concatenate([np.arange(n) for n in lengths]), pa.int32()),
-        "X": pa.array(np.concatenate([vals[d] for d in range(25)]), pa.float32())}))
-    use_source(con, T.Source("adapter", "vals", "wide", ["X"]))
-    for k, cap in ((8, 1), (8, 3), (20, 2), (200, 50)):
-        expect = brute_force(vals, k, cap)
-        got = hits(con, k=k, cap=cap, before=0, after=0)
+def check_against_reference(con, table: pa.Table, features: dict, k: int, cap: int) -> int:
+    """topk_hits over `feature_values` against reference_hits for every feature in `features`
+    (name -> boolean mask of its rows in `table`); returns the number of hits compared."""
+    got = {}
+    for f, s, _, d, p, v, _, _ in hits(con, k=k, cap=cap, before=0, after=0):
+        got.setdefault((f, s), []).append((d, p, v))
+    doc = table.column("doc_id").to_numpy()
+    pos = table.column("pos").to_numpy()
+    val = table.column("value").to_numpy()
+    n = 0
+    for name, mask in features.items():
+        expect = reference_hits(doc[mask], pos[mask], val[mask], k, cap)
         for sign in ("pos", "neg"):
-            assert [(d, p) for _, s, _, d, p, _, _, _ in got if s == sign] == expect[sign], (k, cap, sign)
+            assert got.get((name, sign), []) == expect[sign], (name, sign, k, cap)
+            n += len(expect[sign])
+    return n
+
+
+def test_topk_hits_match_reference_on_random_dense_data():
+    """Random documents of random lengths: the threshold pruning never loses a hit (also with
+    fewer documents than k, and with ties from values on a coarse grid)."""
+    rng = np.random.default_rng(7)
+    for n_docs, grid in ((25, False), (6, False), (25, True)):
+        lengths = rng.integers(1, 40, size=n_docs)
+        x = np.concatenate([rng.standard_normal(n) * rng.uniform(0.1, 3) for n in lengths]).astype(np.float32)
+        if grid:
+            x = np.round(x).astype(np.float32)  # many exact ties, and zeros (no hit)
+        t = pa.table({"doc_id": pa.array(np.repeat(np.arange(n_docs), lengths), pa.int64()),
+                      "pos": pa.array(np.concatenate([np.arange(n) for n in lengths]), pa.int32()),
+                      "X": pa.array(x, pa.float32())})
+        con = S.connect(None)
+        con.register("vals", t)
+        use_source(con, T.Source("adapter", "vals", "wide", ["X"]))
+        long = pa.table({"doc_id": t["doc_id"], "pos": t["pos"], "value": t["X"]})
+        for k, cap in ((8, 1), (8, 3), (20, 2), (200, 50)):
+            assert check_against_reference(con, long, {"X": np.ones(len(x), bool)}, k, cap) > 0
+        con.close()
+
+
+def test_topk_hits_match_reference_on_very_sparse_data():
+    """SAE-like features: most fire in a handful of documents (fewer than k), some a few times
+    in one document, values tied; both signs. The list of a rare feature holds every hit the
+    cap allows, not only the documents' maxima."""
+    rng = np.random.default_rng(11)
+    n_feat, n_docs, doc_len = 40, 30, 50
+    stored = []
+    for f in range(n_feat):
+        n_hits = int(rng.choice([1, 2, 3, 5, 12, 40, 400]))  # most features far below k = 8 documents
+        docs = rng.choice(rng.integers(1, n_docs + 1), size=n_hits) if f % 3 else rng.integers(0, n_docs, n_hits)
+        for d in docs:
+            v = float(rng.choice([-2.0, -1.0, -0.5, 0.25, 0.5, 1.0, 2.0])) if f % 2 else float(rng.standard_normal())
+            stored.append((int(d), int(rng.integers(0, doc_len)), f, v))
+    doc, pos, feat, val = (np.array(c) for c in zip(*stored))
+    # one stored value per (doc, pos, feature), as the sae stage writes them
+    _, first = np.unique(np.stack([doc, pos, feat]), axis=1, return_index=True)
+    doc, pos, feat, val = doc[first], pos[first], feat[first], val[first].astype(np.float32)
+    t = pa.table({"doc_id": pa.array(doc, pa.int64()), "pos": pa.array(pos, pa.int32()),
+                  "feature": pa.array(feat, pa.int32()), "value": pa.array(val, pa.float32())})
+    con = S.connect(None)
+    con.register("sparse_vals", t)
+    use_source(con, T.Source("sae", "sparse_vals", "sparse"))
+    features = {f"F{f:05d}": feat == f for f in np.unique(feat)}
+    for k, cap in ((8, 2), (8, 1), (3, 4), (64, 4)):
+        assert check_against_reference(con, t, features, k, cap) > 0
+    con.close()
+
+
+def test_topk_hits_rare_feature_keeps_second_hit_in_a_listed_document():
+    """The issue's case: k=8, at most 2 per document, a feature firing in 2 documents. The
+    third-best hit (a second hit of an already listed document) was dropped because the
+    threshold was the weaker document's maximum."""
+    t = pa.table({"doc_id": pa.array([12, 12, 47, 47, 47], pa.int64()), "pos": pa.array([3, 9, 86, 90, 91], pa.int32()),
+                  "feature": pa.array([83] * 5, pa.int32()),
+                  "value": pa.array([0.9, 0.1, 0.7263, 0.8, 0.75], pa.float32())})
+    con = S.connect(None)
+    con.register("sparse_vals", t)
+    use_source(con, T.Source("sae", "sparse_vals", "sparse"))
+    got = [(d, p) for _, s, _, d, p, _, _, _ in hits(con, k=8, cap=2, before=0, after=0) if s == "pos"]
+    assert got == [(12, 3), (47, 90), (47, 91), (12, 9)]
+    con.close()
 
 
 # --------------------------------------------------------------------------- topk_contexts

@@ -301,7 +301,8 @@ def test_worker_unit_rows(worker, baseline):
 
 def test_hesitation_counting_by_hand():
     words = ["Wait", "Hmm"]
-    assert count_hesitations("Wait, 2 + 2 = 5. Hmm... Wait! Waiting, await, wait. HmmWait", words) == 3
+    # whole-word and case-insensitive (rank1_core.lexicon): "wait." counts, "Waiting" does not
+    assert count_hesitations("Wait, 2 + 2 = 5. Hmm... Wait! Waiting, await, wait. HmmWait", words) == 4
     assert count_hesitations("", words) == 0
     assert count_hesitations("x\nWait\nWait", words) == 2
     assert count_hesitations("a = b. = c", ["="]) == 2

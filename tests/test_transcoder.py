@@ -307,6 +307,8 @@ def test_training_lowers_the_loss_and_the_kl_to_the_target(recon):
 
 
 def test_checkpoint_round_trip_continues_identically(tmp_path):
+    from rank1_core.harness import load_checkpoint, save_checkpoint
+
     base, target = micro_model(), perturbed(micro_model())
     cfg = build_cfg(epochs=2)
     tr = docs(16)
@@ -321,12 +323,12 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
 
     def report(m, s, ckpt):
         if s.step == 3:
-            t1.save(tmp_path / "ck", s)
+            save_checkpoint(t1, s, tmp_path / "ck")
             saved["ok"] = True
 
     train_loop(t1, tr, cfg, 0, 0, report=report)
     a2, t2 = fresh()
-    state = t2.load(tmp_path / "ck")
+    state = load_checkpoint(t2, tmp_path / "ck")
     assert state.step == 3 and saved["ok"]
     train_loop(t2, tr, cfg, 0, 0, state)
     for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):

@@ -7,21 +7,24 @@ entry, ``<root>/<key[:2]>/<key>.json``, written atomically, so concurrent writer
 actors) and a crash mid-write never leave a torn entry. The root is a local path or any
 pyarrow filesystem URI (s3://, gs://) so every node of a cluster can share it.
 
-Only answers that came back are stored (parse failures included: they were paid for); errors
-are not, so a rerun tries them again.
+Only answers that came back are stored; errors are not, so a rerun tries them again. An
+entry holds what the answer cost and which stage attempt paid for it (``paid_by``): it is
+that payment's record, which a stage killed before logging the call recovers on resume. An
+answer its task's parser rejected is stored marked ``unparsable`` as that record only: the
+worker never serves it, so a rerun asks again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from rank1_core.rundir import write_bytes_atomic
 
 
 def canonical_json(obj: Any) -> str:
@@ -68,18 +71,7 @@ class ResponseCache:
 
     def put(self, key: str, entry: dict) -> None:
         entry = {**entry, "key": key, "stored_at": time.time()}
-        data = canonical_json(entry).encode()
-        path = self._path(key)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if self.local:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            with self.fs.open_output_stream(path) as f:
-                f.write(data)
+        write_bytes_atomic(self.fs, self._path(key), canonical_json(entry).encode())
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
@@ -87,4 +79,5 @@ class ResponseCache:
     def __len__(self) -> int:
         sel = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         return sum(1 for i in self.fs.get_file_info(sel)
-                   if i.type == pafs.FileType.File and i.base_name.endswith(".json"))
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+                   and not i.base_name.startswith("."))  # not a temp file of an interrupted write

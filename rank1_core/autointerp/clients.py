@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from rank1_core.autointerp.retry import TransientError, parse_retry_after
 
@@ -110,6 +110,14 @@ class LLMRequest:
     schema: dict | None = None
     system: str | None = None
     tag: str = ""
+    origin: str = ""
+    """The stage attempt that asks (its call-log id): a paid answer's cache entry names it, so a
+    resumed stage can count what a killed attempt paid for but never logged."""
+    check: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+    """The task's parser: an answer it rejects is returned, but never served from the cache."""
+    top_logprobs: int = 0
+    """Ask for this many alternatives' log-probabilities per generated token (OpenAI-compatible
+    servers only; the simulation scorer's expected values). 0: none."""
 
 
 @dataclass
@@ -119,6 +127,8 @@ class LLMResponse:
     tokens_out: int
     finish_reason: str | None = None
     model: str | None = None
+    logprobs: list | None = None
+    """Per generated token {"token": str, "top": [[token, logprob], ...]} when asked for."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -135,6 +145,7 @@ def cache_payload(endpoint: Endpoint, req: LLMRequest) -> dict:
         "temperature": endpoint.temperature, "params": endpoint.params,
         "schema": req.schema if endpoint.structured else None,
         "system": req.system, "prompt": req.prompt,
+        **({"top_logprobs": req.top_logprobs} if req.top_logprobs else {}),
     }
 
 
@@ -174,11 +185,14 @@ class OpenAIClient:
         if req.schema is not None and ep.structured:
             kw["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": req.task, "schema": req.schema, "strict": True}}
+        if req.top_logprobs:
+            kw.update(logprobs=True, top_logprobs=req.top_logprobs)
         kw.update(ep.params)
         try:
             r = await self.client.chat.completions.create(**kw)
         except openai.APITimeoutError as e:
-            raise TransientError(f"timeout after {ep.timeout_s:g}s ({type(e).__name__})") from None
+            raise TransientError(f"timeout after {ep.timeout_s:g}s ({type(e).__name__})",
+                                 timed_out=True) from None
         except openai.APIConnectionError as e:
             raise TransientError(redact(f"connection error: {e}", self._key)) from None
         except openai.APIStatusError as e:
@@ -202,10 +216,18 @@ class OpenAIClient:
             text=text,
             tokens_in=usage.prompt_tokens if usage else estimate_tokens(req.prompt),
             tokens_out=usage.completion_tokens if usage else estimate_tokens(text),
-            finish_reason=choice.finish_reason, model=r.model)
+            finish_reason=choice.finish_reason, model=r.model, logprobs=_logprobs(choice))
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _logprobs(choice) -> list | None:
+    """The choice's token log-probabilities as plain lists (None when not returned)."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return [{"token": c.token, "top": [[a.token, a.logprob] for a in (c.top_logprobs or [])]} for c in content]
 
 
 class AnthropicClient:
@@ -235,7 +257,8 @@ class AnthropicClient:
         try:
             r = await self.client.messages.create(**kw)
         except anthropic.APITimeoutError as e:
-            raise TransientError(f"timeout after {ep.timeout_s:g}s ({type(e).__name__})") from None
+            raise TransientError(f"timeout after {ep.timeout_s:g}s ({type(e).__name__})",
+                                 timed_out=True) from None
         except anthropic.APIConnectionError as e:
             raise TransientError(redact(f"connection error: {e}", self._key)) from None
         except anthropic.APIStatusError as e:

@@ -43,10 +43,8 @@ class Gate:
     def admit(self, model: str, est_tokens_in: float, max_tokens_out: float) -> Admission:
         worst = self.prices.cost(model, est_tokens_in, max_tokens_out)
         if not self.budget.reserve(worst):
-            cap = self.budget.cap
-            return Admission(False, model, reason=(
-                f"budget cap reached: ${self.budget.spent:.4f} spent + ${self.budget.reserved:.4f} in flight; "
-                f"a call of up to ${worst:.4f} could exceed the cap of ${cap if cap is not None else 0:.2f}"))
+            # Every refusal after the first repeats the first one's figures: they stopped the stage.
+            return Admission(False, model, reason=self.budget.reason)
         tokens = est_tokens_in + max_tokens_out
         wait = self.limiters.reserve(model, tokens)
         return Admission(True, model, wait, tokens, worst)

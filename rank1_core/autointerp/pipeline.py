@@ -15,7 +15,8 @@ Reads ``topk/contexts.parquet`` and ``topk/stats.parquet``; writes into the stag
   null), classification_reasoning, category, category_group, score (detection balanced
   accuracy), score_accuracy, score_n, n_contexts, model, error;
 - ``categories.json``: generated categories per category group (B.2 schema);
-- ``calls.parquet``: one row per request (all attempts of the stage, resumed ones included);
+- ``calls.parquet``: one row per request (all attempts of the stage, resumed ones included;
+  rows a killed attempt never logged are rebuilt from the cache, see :class:`CallLog`);
 - ``classification_shares.parquet``, ``category_shares.parquet`` (Figure 2; Figure 3's
   activation densities), ``score_summary.parquet``.
 """
@@ -28,7 +29,9 @@ import os
 import random
 import re
 import time
+import uuid
 from collections import Counter
+from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rank1_core.autointerp import prompts as P
-from rank1_core.autointerp.clients import Endpoint, LLMRequest, Secret
+from rank1_core.autointerp import scorers as S
+from rank1_core.autointerp.cache import ResponseCache, request_key
+from rank1_core.autointerp.clients import Endpoint, LLMRequest, Secret, cache_payload
 from rank1_core.autointerp.pricing import Price
 from rank1_core.autointerp.worker import BUDGET, CallResult
 from rank1_core.config import AutointerpConfig, Config, ConfigError
@@ -262,13 +267,24 @@ def load_features(topk: StageDir, a: AutointerpConfig) -> tuple[list[P.FeatureEx
 
 class CallLog:
     """Call rows flushed to ``calls/part-*.parquet`` as they land (a crash loses at most a few
-    seconds of log); ``finish`` merges every attempt's parts into ``calls.parquet``."""
+    seconds of log); ``finish`` merges every attempt's parts into ``calls.parquet``.
 
-    def __init__(self, stage: StageDir, flush_rows: int = 64, flush_s: float = 5.0) -> None:
+    Before a batch is sent, its request keys go to ``calls/asked-*.parquet``. A killed attempt
+    may have paid for answers (cached, each entry naming the attempt in ``paid_by``) whose rows
+    never reached a part: reading the earlier attempts, the log rebuilds those rows from the
+    cache (``recovered``) and writes them as a part, so the spend counts every paid answer.
+    A part a crash left unreadable (torn Parquet) is named in a warning, moved aside to
+    ``*.corrupt`` and its paid calls recovered the same way; the stage goes on."""
+
+    def __init__(self, stage: StageDir, cache: ResponseCache | None = None, log=print, flush_rows: int = 64,
+                 flush_s: float = 5.0) -> None:
         self.stage = stage
-        self.attempt = f"{int(time.time() * 1000)}"
+        self.cache = cache
+        self.log = log
+        self.attempt = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"
         self.rows: list[dict] = []
         self.parts = 0
+        self.asked_batches = 0
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.last = time.monotonic()
         self.this_run: list[dict] = []
@@ -280,8 +296,17 @@ class CallLog:
             return {"source": parts[0], "feature": parts[1], "sign": parts[2], "group": None}
         return {"source": None, "feature": None, "sign": None, "group": parts[1] if len(parts) == 2 else tag}
 
+    def asked(self, reqs: list[LLMRequest], keys: list[str]) -> None:
+        """Record the keys of a batch before it is sent (what a crash recovery looks up)."""
+        if not reqs:
+            return
+        table = pa.table({"attempt_run": [self.attempt] * len(reqs), "key": keys, "task": [r.task for r in reqs],
+                          "model": [r.model for r in reqs], "tag": [r.tag for r in reqs]})
+        self.stage.write_parquet(f"calls/asked-{self.attempt}-{self.asked_batches:05d}.parquet", table)
+        self.asked_batches += 1
+
     def add(self, r: CallResult) -> None:
-        row = {**r.row(), **self._split_tag(r.tag), "attempt_run": self.attempt}
+        row = {**r.row(), **self._split_tag(r.tag), "attempt_run": self.attempt, "recovered": False}
         self.rows.append(row)
         self.this_run.append(row)
         if len(self.rows) >= self.flush_rows or time.monotonic() - self.last > self.flush_s:
@@ -291,22 +316,73 @@ class CallLog:
         self.last = time.monotonic()
         if not self.rows:
             return
-        path = self.stage.path("calls", f"part-{self.attempt}-{self.parts:05d}.parquet")
-        self.stage.fs.create_dir(self.stage.path("calls"), recursive=True)
-        pq.write_table(_calls_table(self.rows), path, filesystem=self.stage.fs)
+        self.stage.write_parquet(f"calls/part-{self.attempt}-{self.parts:05d}.parquet", _calls_table(self.rows))
         self.parts += 1
         self.rows = []
 
-    def previous(self) -> pa.Table | None:
-        """Rows of earlier (crashed) attempts of this stage."""
+    def _earlier(self, kind: str) -> list[pa.Table]:
+        """Readable ``calls/<kind>-*.parquet`` of earlier attempts; unreadable ones quarantined."""
         if not self.stage.exists("calls"):
-            return None
+            return []
         sel = pafs.FileSelector(self.stage.path("calls"), allow_not_found=True)
         files = sorted(i.path for i in self.stage.fs.get_file_info(sel)
-                       if i.base_name.endswith(".parquet") and f"part-{self.attempt}-" not in i.base_name)
-        if not files:
+                       if i.type == pafs.FileType.File and i.base_name.startswith(f"{kind}-")
+                       and i.base_name.endswith(".parquet") and not i.base_name.startswith(f"{kind}-{self.attempt}-"))
+        out = []
+        for f in files:
+            try:
+                out.append(pq.read_table(f, filesystem=self.stage.fs))
+            except (pa.ArrowInvalid, OSError) as e:
+                name = f.rsplit("/", 1)[1]
+                self.stage.fs.move(f, f"{f}.corrupt")
+                lost = ("its paid calls are recovered from the LLM cache" if kind == "part" else
+                        "the calls it listed can no longer be recovered if their rows were lost too")
+                self.log(f"[autointerp] warning: {self.stage.uri_of('calls', name)} is unreadable, torn by a "
+                         f"crashed attempt ({type(e).__name__}: {e}); moved aside to {name}.corrupt; {lost}")
+        return out
+
+    def _recover(self, logged: list[pa.Table]) -> pa.Table | None:
+        """Rows for answers an earlier attempt asked for, paid for and cached, but never logged."""
+        asked = self._earlier("asked") if self.cache is not None else []
+        if not asked:
             return None
-        return pa.concat_tables([pq.read_table(f, filesystem=self.stage.fs) for f in files])
+        paid = set()
+        for t in logged:
+            for a, k, st in zip(t.column("attempt_run").to_pylist(), t.column("key").to_pylist(),
+                                t.column("status").to_pylist()):
+                if st == "ok":
+                    paid.add((a, k))
+        rows: dict[tuple[str, str], dict] = {}
+        for t in asked:
+            for r in t.to_pylist():
+                ak = (r["attempt_run"], r["key"])
+                if ak in paid or ak in rows:
+                    continue
+                e = self.cache.get(r["key"])
+                if e is None or e.get("paid_by") != r["attempt_run"]:
+                    continue  # not paid by that attempt (a cache hit, or never answered)
+                rows[ak] = {"time": float(e.get("stored_at") or time.time()), "attempt_run": r["attempt_run"],
+                            "task": r["task"], "model": r["model"], "tag": r["tag"], **self._split_tag(r["tag"]),
+                            "cached": False, "status": "ok", "tokens_in": int(e.get("tokens_in") or 0),
+                            "tokens_out": int(e.get("tokens_out") or 0), "cost_usd": float(e.get("cost_usd") or 0.0),
+                            "error": e.get("unparsable") and f"unparsable answer: {e['unparsable']}",
+                            "finish_reason": e.get("finish_reason"), "key": r["key"], "recovered": True}
+        if not rows:
+            return None
+        table = _calls_table(list(rows.values()))
+        # Named for the attempt that paid; unique per recovering attempt, so nothing is overwritten.
+        self.stage.write_parquet(f"calls/part-{min(a for a, _ in rows)}-recovered-{self.attempt}.parquet", table)
+        cost = sum(r["cost_usd"] for r in rows.values())
+        self.log(f"[autointerp] {len(rows)} paid call(s) of a killed attempt were missing from the call log: "
+                 f"recovered from the LLM cache (${cost:.4f})")
+        return table
+
+    def previous(self) -> pa.Table | None:
+        """Rows of earlier (crashed) attempts of this stage, recovered ones included."""
+        logged = [_conform(t) for t in self._earlier("part")]
+        rec = self._recover(logged)
+        tables = logged + ([rec] if rec is not None else [])
+        return pa.concat_tables(tables) if tables else None
 
     def spent_before(self) -> float:
         t = self.previous()
@@ -320,7 +396,7 @@ class CallLog:
         mine = _calls_table(self.this_run)
         table = pa.concat_tables([prev, mine]) if prev is not None else mine
         table = table.sort_by([("time", "ascending")])
-        pq.write_table(table, self.stage.path("calls.parquet"), filesystem=self.stage.fs)
+        self.stage.write_parquet("calls.parquet", table)
         return table
 
 
@@ -331,18 +407,27 @@ CALLS_SCHEMA = pa.schema([
     ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
     ("latency_s", pa.float64()), ("attempts", pa.int32()), ("retries", pa.int32()),
     ("retry_errors", pa.string()), ("error", pa.string()), ("finish_reason", pa.string()), ("key", pa.string()),
+    ("timeouts", pa.int32()), ("recovered", pa.bool_()),
 ])
 
 
-def previous_spend(stage: StageDir) -> float:
-    """Dollars spent by earlier, unfinished attempts of this stage (they count against the budget)."""
-    return CallLog(stage).spent_before()
+def previous_spend(stage: StageDir, cache: ResponseCache | None = None, log=print) -> float:
+    """Dollars spent by earlier, unfinished attempts of this stage (they count against the
+    budget), with paid answers a killed attempt never logged recovered from ``cache``."""
+    return CallLog(stage, cache, log).spent_before()
 
 
 def _calls_table(rows: list[dict]) -> pa.Table:
     cols = {f.name: [r.get(f.name) for r in rows] for f in CALLS_SCHEMA}
     cols["time"] = [int(t * 1000) for t in cols["time"]]
     return pa.table(cols, schema=CALLS_SCHEMA)
+
+
+def _conform(t: pa.Table) -> pa.Table:
+    """A part written by an earlier version of this schema: missing columns as nulls."""
+    cols = [t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
+            for f in CALLS_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=CALLS_SCHEMA)
 
 
 # --------------------------------------------------------------------------- the work
@@ -371,6 +456,12 @@ class FeatureRow:
     score: float | None = None
     score_accuracy: float | None = None
     score_n: int | None = None
+    fuzz_score: float | None = None
+    fuzz_accuracy: float | None = None
+    fuzz_n: int | None = None
+    simulation_score: float | None = None
+    simulation_n: int | None = None
+    simulation_method: str | None = None
     n_contexts: int = 0
     model: str | None = None
     errors: list[str] = field(default_factory=list)
@@ -431,15 +522,25 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
     features, stats, info = load_features(topk, a)
     log(f"[autointerp] {len(features)} features selected of {info['counts']['features_available']} "
         f"({', '.join(f'{s}: {sum(1 for f in features if f.source == s)}' for s in a.sources)})")
-    calls = CallLog(stage)
+    calls = CallLog(stage, ResponseCache(default_cache_dir(a)), log)
     state = {"stopped": None}
     rows = {fx.tag: FeatureRow(fx.source, fx.feature, fx.sign) for fx in features}
     fx_by_tag = {fx.tag: fx for fx in features}
 
-    def request(task: str, prompt: str, schema: dict | None, tag: str) -> LLMRequest:
+    def request(task: str, prompt: str, schema: dict | None, tag: str, check=None) -> LLMRequest:
+        """``check``: the answer's parser; an answer it rejects is never served from the cache."""
         model = routing.task_model[task]
         return LLMRequest(task=task, model=model, prompt=prompt, max_tokens=routing.max_tokens[task],
-                          schema=schema, tag=tag)
+                          schema=schema, tag=tag, origin=calls.attempt, check=check)
+
+    def scorer_request(task, prompt, schema, tag, check, max_tokens, logprobs, n) -> LLMRequest:
+        """Fuzzing and simulation go to the detection task's model (and its limits)."""
+        model = routing.task_model["score"]
+        lp = S.TOP_LOGPROBS if logprobs and routing.endpoints[model].provider == "openai" else 0
+        return LLMRequest(task=task, model=model, prompt=prompt,
+                          max_tokens=max(routing.max_tokens["score"], max_tokens or 0),
+                          schema=schema(n, limits_of[model]), tag=tag, origin=calls.attempt, check=check,
+                          top_logprobs=lp)
 
     def execute(reqs: list[LLMRequest]) -> list[CallResult]:
         if state["stopped"]:
@@ -450,6 +551,8 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             if on_call is not None:
                 on_call(r)
 
+        calls.asked(reqs, [request_key(cache_payload(routing.endpoints[r.model], r)) if r.model in routing.endpoints
+                           else "" for r in reqs])
         results = runner(reqs, landed)
         calls.flush()
         for r in results:
@@ -466,7 +569,8 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         n_explain, _ = _held_out(fx, a)
         prompt, n = P.explain_prompt(fx, n_explain, a.listed_tokens, a.max_prompt_tokens)
         used[fx.tag] = n
-        reqs.append(request("explain", prompt, P.explain_schema(limits_of[routing.task_model["explain"]]), fx.tag))
+        reqs.append(request("explain", prompt, P.explain_schema(limits_of[routing.task_model["explain"]]), fx.tag,
+                            P.parse_explanation))
     with _timed(info, "explain"):
         results = execute(reqs)
     for res in results:
@@ -510,9 +614,9 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             groups[g]["error"] = "no explained features in this group"
             continue
         batch.append(request("categories", prompt, P.categories_schema(limits_of[routing.task_model["categories"]]),
-                             f"group/{g}"))
+                             f"group/{g}", P.parse_categories))
     truth: dict[str, list[int]] = {}
-    if a.score_positives and a.score_negatives:
+    if "detection" in a.scorers and a.score_positives and a.score_negatives:
         for row in explained:
             fx = fx_by_tag[f"{row.source}/{row.feature}/{row.sign}"]
             _, pos = _held_out(fx, a)
@@ -525,7 +629,17 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             _rng(seed, "score-order", fx.tag).shuffle(items)
             truth[fx.tag] = [t for _, t in items]
             batch.append(request("score", P.score_prompt(row.explanation, ["".join(c.tokens) for c, _ in items]),
-                                 P.score_schema(len(items), limits_of[routing.task_model["score"]]), fx.tag))
+                                 P.score_schema(len(items), limits_of[routing.task_model["score"]]), fx.tag,
+                                 partial(P.parse_labels, n=len(items))))
+    more = S.build_requests(
+        a.scorers, explained,
+        lambda r: (_held_out(fx_by_tag[f"{r.source}/{r.feature}/{r.sign}"], a)[1],
+                   _negatives(fx_by_tag[f"{r.source}/{r.feature}/{r.sign}"], info["pools"].get(r.source, []),
+                              a.score_negatives, seed)),
+        None, a.simulation_tokens, lambda name, tag: _rng(seed, name, tag), scorer_request)
+    batch.extend(more["requests"])
+    for (scorer, tag), why in more["skipped"].items():
+        rows[tag].fail(S.TASKS[scorer], why)
     with _timed(info, "categories+score"):
         results = execute(batch)
     for res in results:
@@ -548,6 +662,8 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
                 log(f"[autointerp] warning: categories of group {g!r} copy the prompt's placeholders "
                     f"({', '.join(groups[g]['copied_from_prompt'])}): {routing.task_model['categories']} "
                     "is too weak for category generation")
+        elif res.task in S.TASKS.values():
+            S.apply_result(res, rows[res.tag], more["cases"], _unparsable)
         else:
             row = rows[res.tag]
             if res.text is None:
@@ -577,7 +693,9 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
             continue
         fx = fx_by_tag[f"{row.source}/{row.feature}/{row.sign}"]
         prompt = P.categorize_prompt(row.explanation, fx, cats, a.categorize_contexts, a.listed_tokens)
-        reqs.append(request("categorize", prompt, P.categorize_schema([c.string_id for c in cats]), fx.tag))
+        ids = [c.string_id for c in cats]
+        reqs.append(request("categorize", prompt, P.categorize_schema(ids), fx.tag,
+                            partial(P.parse_category_choice, ids=ids)))
     with _timed(info, "categorize"):
         results = execute(reqs)
     for res in results:
@@ -593,15 +711,15 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
 
     # ---- outputs
     table = _explanations_table([rows[fx.tag] for fx in features])
-    pq.write_table(table, stage.path("explanations.parquet"), filesystem=stage.fs)
+    stage.write_parquet("explanations.parquet", table)
     stage.write_json("categories.json", {"groups": groups})
     call_table = calls.finish()
     shares = classification_shares(table)
     cat_shares = category_shares(table, stats, groups)
-    scores = score_summary(table)
-    pq.write_table(shares, stage.path("classification_shares.parquet"), filesystem=stage.fs)
-    pq.write_table(cat_shares, stage.path("category_shares.parquet"), filesystem=stage.fs)
-    pq.write_table(scores, stage.path("score_summary.parquet"), filesystem=stage.fs)
+    scores = score_summary(table, stats)
+    stage.write_parquet("classification_shares.parquet", shares)
+    stage.write_parquet("category_shares.parquet", cat_shares)
+    stage.write_parquet("score_summary.parquet", scores)
 
     mine = calls.this_run
     extra = {
@@ -614,6 +732,9 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         "budget_stopped": state["stopped"],
         "calls": _count(r["status"] for r in mine),
         "calls_all_attempts": call_table.num_rows,
+        "calls_recovered": int(pc.sum(call_table.column("recovered")).as_py() or 0),
+        "abandoned_after_timeout": sum(r["timeouts"] for r in mine),
+        "abandoned_after_timeout_all_attempts": int(pc.sum(call_table.column("timeouts")).as_py() or 0),
         "tokens_in": sum(r["tokens_in"] for r in mine if not r["cached"]),
         "tokens_out": sum(r["tokens_out"] for r in mine if not r["cached"]),
         "features": {
@@ -626,6 +747,8 @@ def run_autointerp(cfg: Config, stage: StageDir, topk: StageDir, routing: Routin
         },
         "classification_shares": {s: {str(c): round(v, 4) for c, v in d.items()} for s, d in _shares_dict(shares).items()},
         "mean_detection_score": {r["source"]: r["mean_score"] for r in scores.to_pylist()},
+        "mean_scores": {r["source"]: {k: r[k] for k in SCORE_MEANS} for r in scores.to_pylist()},
+        "scorer_costs": scorer_costs(mine, rows.values()),
         "categories": {g: [c["string_id"] for c in v["categories"]] for g, v in groups.items()},
         "prompt_copies": {"explanations": copies, "explained": dict(Counter(r.source for r in explained)),
                           "categories": {g: v.get("copied_from_prompt", []) for g, v in groups.items()
@@ -684,7 +807,9 @@ EXPLANATIONS_SCHEMA = pa.schema([
     ("source", pa.string()), ("feature", pa.string()), ("sign", pa.string()), ("explanation", pa.string()),
     ("classification", pa.int8()), ("classification_reasoning", pa.string()), ("category", pa.string()),
     ("category_group", pa.string()), ("score", pa.float64()), ("score_accuracy", pa.float64()),
-    ("score_n", pa.int32()), ("n_contexts", pa.int32()), ("model", pa.string()), ("error", pa.string()),
+    ("score_n", pa.int32()), ("fuzz_score", pa.float64()), ("fuzz_accuracy", pa.float64()), ("fuzz_n", pa.int32()),
+    ("simulation_score", pa.float64()), ("simulation_n", pa.int32()), ("simulation_method", pa.string()),
+    ("n_contexts", pa.int32()), ("model", pa.string()), ("error", pa.string()),
 ])
 
 
@@ -763,21 +888,60 @@ def category_shares(table: pa.Table, stats: pa.Table, groups: dict) -> pa.Table:
         ("activation_density", pa.float64()), ("firing_density", pa.float64())]))
 
 
-def score_summary(table: pa.Table) -> pa.Table:
-    """Per source: features scored and their mean detection accuracy / balanced accuracy."""
+SCORE_MEANS = ("mean_score", "mean_fuzz", "mean_simulation", "weighted_score", "weighted_fuzz",
+               "weighted_simulation")
+"""Per-source means of score_summary.parquet (weighted_*: weighted by the feature's firing rate)."""
+
+
+def score_summary(table: pa.Table, stats: pa.Table | None = None) -> pa.Table:
+    """Per source: features scored by each scorer and their mean score (detection and fuzzing:
+    balanced accuracy, 0.5 = chance; simulation: correlation, 0 = chance); ``weighted_*``
+    weight each feature by its firing rate (``frac_active`` of topk/stats.parquet)."""
     rows = table.to_pylist()
-    out = {"source": [], "n_features": [], "n_scored": [], "mean_score": [], "mean_accuracy": []}
+    rate = {(r["source"], r["feature"]): r["frac_active"] for r in stats.to_pylist()} if stats is not None else {}
+    cols = {"score": ("n_scored", "mean_score", "weighted_score"), "fuzz_score": ("n_fuzz", "mean_fuzz", "weighted_fuzz"),
+            "simulation_score": ("n_simulation", "mean_simulation", "weighted_simulation")}
+    out: dict[str, list] = {"source": [], "n_features": [], "mean_accuracy": []}
+    for n, m, w in cols.values():
+        out.update({n: [], m: [], w: []})
+    r4 = lambda v: None if v is None else round(v, 4)  # noqa: E731
     for src in sorted({r["source"] for r in rows}):
         mine = [r for r in rows if r["source"] == src]
-        scored = [r for r in mine if r["score"] is not None]
         out["source"].append(src)
         out["n_features"].append(len(mine))
-        out["n_scored"].append(len(scored))
-        out["mean_score"].append(round(sum(r["score"] for r in scored) / len(scored), 4) if scored else None)
-        out["mean_accuracy"].append(round(sum(r["score_accuracy"] for r in scored) / len(scored), 4) if scored else None)
-    return pa.table(out, schema=pa.schema([("source", pa.string()), ("n_features", pa.int64()),
-                                           ("n_scored", pa.int64()), ("mean_score", pa.float64()),
-                                           ("mean_accuracy", pa.float64())]))
+        for col, (n, m, w) in cols.items():
+            scored = [r for r in mine if r.get(col) is not None]
+            out[n].append(len(scored))
+            out[m].append(r4(sum(r[col] for r in scored) / len(scored)) if scored else None)
+            out[w].append(r4(S.weighted_mean([r[col] for r in scored],
+                                             [rate.get((src, r["feature"])) for r in scored])))
+        det = [r for r in mine if r["score"] is not None]
+        out["mean_accuracy"].append(r4(sum(r["score_accuracy"] for r in det) / len(det)) if det else None)
+    fields = [("source", pa.string()), ("n_features", pa.int64())]
+    for n, m, w in cols.values():
+        fields += [(n, pa.int64()), (m, pa.float64()), (w, pa.float64())]
+    fields.append(("mean_accuracy", pa.float64()))
+    return pa.table({f: out[f] for f, _ in fields}, schema=pa.schema(fields))
+
+
+def scorer_costs(calls: list[dict], rows) -> dict:
+    """Per scoring task (score = detection, fuzz, simulate): calls, tokens in and out (cached
+    answers count their original tokens) and dollars, in all and per feature scored."""
+    scored = {"score": sum(1 for r in rows if r.score is not None),
+              "fuzz": sum(1 for r in rows if r.fuzz_score is not None),
+              "simulate": sum(1 for r in rows if r.simulation_n)}
+    out = {}
+    for task in scored:
+        mine = [c for c in calls if c["task"] == task]
+        if not mine:
+            continue
+        d = {"calls": len(mine), "tokens_in": sum(c["tokens_in"] for c in mine),
+             "tokens_out": sum(c["tokens_out"] for c in mine), "cost_usd": round(sum(c["cost_usd"] for c in mine), 6),
+             "features_scored": scored[task]}
+        n = max(1, len(mine))
+        d["per_call"] = {"tokens_in": round(d["tokens_in"] / n, 1), "tokens_out": round(d["tokens_out"] / n, 1)}
+        out[task] = d
+    return out
 
 
 def default_cache_dir(a: AutointerpConfig) -> str:

@@ -48,6 +48,8 @@ class Budget:
         self.reserved = 0.0
         self.exhausted = False
         self.refused = 0
+        self.reason: str | None = None
+        """Why the budget stopped: the figures of the refusal that exhausted it."""
 
     def reserve(self, worst_case_usd: float) -> bool:
         """Book a call's worst case; False (and exhausted from now on) if it could pass the cap."""
@@ -57,6 +59,7 @@ class Budget:
         if self.cap is not None and self.spent + self.reserved + worst_case_usd > self.cap + 1e-12:
             self.exhausted = True
             self.refused += 1
+            self.reason = refusal_reason(self.spent, self.reserved, worst_case_usd, self.cap)
             return False
         self.reserved += worst_case_usd
         return True
@@ -69,3 +72,18 @@ class Budget:
     @property
     def remaining(self) -> float | None:
         return None if self.cap is None else self.cap - self.spent - self.reserved
+
+
+def refusal_reason(spent: float, reserved: float, worst: float, cap: float) -> str:
+    """The figures that made the budget refuse a call, printed with enough digits that the
+    sum shown is over the cap shown (4 decimals, more when they would round it away)."""
+    total = spent + reserved + worst
+    digits = 4
+    while digits < 10 and round(total, digits) <= round(cap, digits):
+        digits += 1
+
+    def usd(x: float) -> str:
+        return f"${x:.{digits}f}"
+
+    return (f"budget cap reached: {usd(spent)} spent + {usd(reserved)} in flight + {usd(worst)} for the next "
+            f"call at most = {usd(total)}, over the cap of {usd(cap)}")

@@ -20,12 +20,15 @@ T = TypeVar("T")
 
 
 class TransientError(Exception):
-    """A failure worth retrying (429, 5xx, timeout, connection). ``status`` None = no HTTP reply."""
+    """A failure worth retrying (429, 5xx, timeout, connection). ``status`` None = no HTTP reply.
+    ``timed_out``: the client gave up waiting; the server may still finish (and bill) the call."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None,
+                 timed_out: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.timed_out = timed_out
 
 
 class RetriesExhausted(Exception):

@@ -6,8 +6,10 @@
 The same object runs in the driver (``AsyncRunner``, tests, small runs) and inside each Ray
 actor (``ray_jobs/autointerp.py``), where ``gate`` is the handle of the run's one gate actor.
 Order for each try: ask the gate (budget + rate) -> wait -> send -> settle. A cached answer
-skips the gate: it costs nothing and uses no rate. Every outcome is a result, never an
-exception, so a failure stays attached to its feature.
+skips the gate: it costs nothing and uses no rate. A request identical to one this worker
+has in flight waits for that answer instead of paying again (single flight). An answer the
+request's parser rejects is returned but never served from the cache, so a rerun asks again.
+Every outcome is a result, never an exception, so a failure stays attached to its feature.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rank1_core.autointerp.clients import (Endpoint, LLMClient, LLMRequest, Perm
                                            estimate_tokens, make_client, redact)
 from rank1_core.autointerp.gate import Admission
 from rank1_core.autointerp.limiter import SystemClock
-from rank1_core.autointerp.retry import Attempt, RetriesExhausted, RetryPolicy, with_retries
+from rank1_core.autointerp.retry import Attempt, RetriesExhausted, RetryPolicy, TransientError, with_retries
 
 # CallResult.status values
 OK, CACHED, FAILED, BUDGET = "ok", "cached", "error", "budget"
@@ -50,10 +52,15 @@ class CallResult:
     key: str = ""
     finish_reason: str | None = None
     """The server's stop reason ('length': the answer hit max_tokens and is cut)."""
+    timeouts: int = 0
+    """Tries abandoned at the client's timeout_s: the server may have finished and billed them."""
+    logprobs: list | None = None
+    """Token log-probabilities of the answer when the request asked for them (not logged)."""
 
     def row(self) -> dict:
         d = asdict(self)
         d.pop("text")
+        d.pop("logprobs")
         d["retries"] = len(self.retries)
         d["retry_errors"] = "; ".join(r["error"] for r in self.retries) or None
         return d
@@ -93,7 +100,29 @@ class Worker:
     def key_of(self, req: LLMRequest) -> str:
         return request_key(cache_payload(self.endpoints[req.model], req))
 
+    def _inflight(self) -> dict[str, asyncio.Future]:
+        """Requests being paid for now, by key (futures are bound to the running loop)."""
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_flight_loop", None) is not loop:
+            self._flights, self._flight_loop = {}, loop
+        return self._flights
+
+    @staticmethod
+    def _usable(hit: dict | None, req: LLMRequest) -> bool:
+        """A stored answer that may be served: text, not marked unparsable, and accepted by the
+        request's parser (entries stored before parsing was checked may hold bad answers)."""
+        if hit is None or not isinstance(hit.get("text"), str) or hit.get("unparsable"):
+            return False
+        if req.check is not None:
+            try:
+                req.check(hit["text"])
+            except Exception:
+                return False
+        return True
+
     async def process(self, req: LLMRequest) -> CallResult:
+        """Cache, else the same request already in flight (single flight: wait for its
+        answer), else pay for it through the gate."""
         started = time.time()
         t0 = self.clock()
         res = CallResult(tag=req.tag, task=req.task, model=req.model, status=FAILED, time=started)
@@ -105,12 +134,38 @@ class Worker:
         res.key = key = request_key(cache_payload(ep, req))
         if self.cache is not None:
             hit = self.cache.get(key)
-            if hit is not None and isinstance(hit.get("text"), str):
+            if self._usable(hit, req):
                 res.status, res.cached, res.text = CACHED, True, hit["text"]
                 res.tokens_in, res.tokens_out = int(hit.get("tokens_in", 0)), int(hit.get("tokens_out", 0))
-                res.finish_reason = hit.get("finish_reason")
+                res.finish_reason, res.logprobs = hit.get("finish_reason"), hit.get("logprobs")
                 res.latency_s = self.clock() - t0
                 return res
+        flights = self._inflight()
+        if key in flights:  # the same request is being paid for: share its answer
+            first: CallResult = await asyncio.shield(flights[key])
+            if first.text is not None:
+                res.status, res.cached, res.text, res.logprobs = CACHED, True, first.text, first.logprobs
+                res.tokens_in, res.tokens_out = first.tokens_in, first.tokens_out
+                res.finish_reason = first.finish_reason
+            else:
+                res.status = first.status
+            res.error = first.error
+            res.latency_s = round(self.clock() - t0, 4)
+            return res
+        flights[key] = flight = asyncio.get_running_loop().create_future()
+        try:
+            await self._pay(req, ep, key, res)
+        except BaseException:
+            flight.cancel()
+            raise
+        else:
+            flight.set_result(res)
+        finally:
+            del flights[key]
+        res.latency_s = round(self.clock() - t0, 4)
+        return res
+
+    async def _pay(self, req: LLMRequest, ep: Endpoint, key: str, res: CallResult) -> None:
         est_in = estimate_tokens((req.system or "") + req.prompt)
         max_out = req.max_tokens + ep.extra_output_tokens
         client = self.client(req.model)
@@ -123,7 +178,9 @@ class Worker:
             res.attempts += 1
             try:
                 resp = await client.complete(req)
-            except BaseException:
+            except BaseException as e:
+                if isinstance(e, TransientError) and e.timed_out:
+                    res.timeouts += 1  # abandoned: the server may still finish and bill it
                 await self.gate.release(adm)
                 raise
             res.cost_usd = await self.gate.settle(adm, resp.tokens_in, resp.tokens_out)
@@ -145,15 +202,24 @@ class Worker:
         except Exception as e:  # a bug or an unexpected library error: recorded, not fatal
             res.error = redact(f"{type(e).__name__}: {e}", *self.secrets.values())
         else:
-            res.status, res.text, res.finish_reason = OK, resp.text, resp.finish_reason
+            res.status, res.text, res.finish_reason, res.logprobs = OK, resp.text, resp.finish_reason, resp.logprobs
             res.tokens_in, res.tokens_out = resp.tokens_in, resp.tokens_out
+            unparsable = None
+            if req.check is not None:
+                try:
+                    req.check(resp.text)
+                except Exception as e:
+                    unparsable = str(e) or type(e).__name__
+                    res.error = f"unparsable answer (paid, never served from the cache): {unparsable}"
             if self.cache is not None:
+                # Stored even when unparsable, marked so: never served, but the entry is the
+                # cost record a resumed stage recovers if the call log lost this row.
                 self.cache.put(key, {"request": cache_payload(ep, req), "text": resp.text,
                                      "tokens_in": resp.tokens_in, "tokens_out": resp.tokens_out,
                                      "cost_usd": res.cost_usd, "finish_reason": resp.finish_reason,
-                                     "served_by": resp.model})
-        res.latency_s = round(self.clock() - t0, 4)
-        return res
+                                     "served_by": resp.model, "paid_by": req.origin or None,
+                                     "unparsable": unparsable,
+                                     **({"logprobs": resp.logprobs} if resp.logprobs else {})})
 
     async def close(self) -> None:
         for c in self.clients.values():

@@ -8,6 +8,21 @@ components firing on exist in the data.
 Steps are built from the problem's own expression (chain_sum, basic_arithmetic) or taken
 from reasoning-gym's worked solution (gsm_symbolic's `answer_cot`); every intermediate
 value is computed here and checked against reasoning-gym's answer.
+
+What the generator plants is recorded as it writes, as exact character spans: the
+templates carry inline marks (``⟦hesitation|Wait⟧``) that `plant` strips, returning the
+text and its spans. They are stored in the row's ``metadata`` JSON under ``"spans"``, a list
+of ``{"concept", "field" ("thinking" | "attempt"), "start", "end"}`` (character offsets into
+the trajectory / attempt text, end exclusive), so they survive the s1K-1.1 schema round
+trip. Concepts (`PLANTED_CONCEPTS`):
+
+- ``hesitation``: the word "Wait" / "Hmm" opening a hesitation;
+- ``verification``: a double-check / verify / re-check clause, through its "Yes.";
+- ``correction``: the "that's not right." clause after a slip;
+- ``slip_value``: the wrong value of a slipped step (corrected on the next line);
+- ``step_result``: the result of a correct step (after "=", or "that gives");
+- ``operator``: every arithmetic operator the trace writes (steps and the expression);
+- ``final_answer``: the final value ("So the result is X." and the attempt's answer).
 """
 
 from __future__ import annotations
@@ -31,6 +46,56 @@ SUPPORTED_TASKS = ("chain_sum", "basic_arithmetic", "gsm_symbolic")
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _SYM = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+PLANTED_CONCEPTS = ("hesitation", "verification", "correction", "slip_value", "step_result", "operator",
+                    "final_answer")
+_OPEN, _SEP, _CLOSE = "⟦", "|", "⟧"
+
+
+def plant(marked: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """Strip inline marks ``⟦concept|text⟧`` (nestable) from `marked`: the plain text and the
+    (concept, start, end) character spans of the marked parts, in order of their start."""
+    out: list[str] = []
+    spans: list[tuple[str, int, int]] = []
+    stack: list[tuple[str, int]] = []
+    n = 0
+    i = 0
+    while i < len(marked):
+        ch = marked[i]
+        if ch == _OPEN:
+            j = marked.index(_SEP, i)
+            stack.append((marked[i + 1:j], n))
+            i = j + 1
+            continue
+        if ch == _CLOSE:
+            concept, start = stack.pop()
+            spans.append((concept, start, n))
+            i += 1
+            continue
+        out.append(ch)
+        n += 1
+        i += 1
+    if stack:
+        raise ValueError(f"unclosed mark {stack[-1][0]!r} in {marked!r}")
+    spans.sort(key=lambda s: (s[1], -s[2]))
+    return "".join(out), spans
+
+
+def _safe(text: str) -> str:
+    """Content inserted into a marked template must not hold the mark characters."""
+    if any(c in text for c in (_OPEN, _CLOSE)):
+        raise ValueError(f"text {text!r} holds a reserved mark character ({_OPEN} or {_CLOSE})")
+    return text
+
+
+def _m(concept: str, text: str) -> str:
+    return f"{_OPEN}{concept}{_SEP}{text}{_CLOSE}"
+
+
+def _mark_operators(expr: str) -> str:
+    """An expression with its binary operators (between spaces) marked as `operator`."""
+    return re.sub(r"(?<= )([+\-*/×÷])(?= )", lambda mo: _m("operator", mo.group(1)), _safe(expr))
 
 
 def question_key(question: str) -> str:
@@ -81,29 +146,37 @@ class TraceWriter:
         self.markers: list[str] = []
 
     def step(self, left: str, op: str, right: str, result: Fraction) -> None:
-        line = f"{left} {op} {right} = {_fmt(result)}."
+        # Lines are written with inline marks (see `plant`); the random draws are the same as
+        # before the marks existed, so a seed gives the same traces.
+        left, right, o = _safe(left), _safe(right), _m("operator", op)
+        line = f"{left} {o} {right} = {_m('step_result', _fmt(result))}."
         if self.hesitate and self.rng.random() < 0.35:
             kind = self.rng.choice(("slip", "wait", "hmm"))
             if kind == "slip":
                 wrong = result + self.rng.choice((-2, -1, 1, 2, 10, -10))
-                self.lines.append(f"{left} {op} {right} = {_fmt(wrong)}.")
-                self.lines.append(f"Wait, that's not right. {left} {op} {right} = {_fmt(result)}.")
+                self.lines.append(f"{left} {o} {right} = {_m('slip_value', _fmt(wrong))}.")
+                fix = _m("correction", "that's not right.")
+                self.lines.append(f"{_m('hesitation', 'Wait')}, {fix} {line}")
                 self.markers.append("slip")
                 return
             if kind == "wait":
                 self.lines.append(line)
-                self.lines.append(f"Wait, let me double-check: {left} {op} {right} is {_fmt(result)}. Yes.")
+                check = _m("verification", f"let me double-check: {left} {o} {right} is {_fmt(result)}. Yes.")
+                self.lines.append(f"{_m('hesitation', 'Wait')}, {check}")
                 self.markers.append("wait")
                 return
-            self.lines.append(f"Hmm, {left} {op} {right}... that gives {_fmt(result)}.")
+            self.lines.append(f"{_m('hesitation', 'Hmm')}, {left} {o} {right}... that gives "
+                              f"{_m('step_result', _fmt(result))}.")
             self.markers.append("hmm")
             return
         self.lines.append(line)
 
     def text(self, intro: str, outro: str) -> str:
+        """The thinking text with its inline marks (strip them with `plant`)."""
         body = [intro, *self.lines]
         if self.hesitate and self.rng.random() < 0.5:
-            body.append("Hmm, let me double-check the whole computation once more.")
+            body.append(f"{_m('hesitation', 'Hmm')}, "
+                        f"{_m('verification', 'let me double-check the whole computation once more.')}")
             self.markers.append("recheck")
         body.append(outro)
         return "\n".join(body)
@@ -117,31 +190,40 @@ def _arith_trace(item: dict, rng: random.Random, hesitate: bool) -> tuple[str, l
     w = TraceWriter(rng, hesitate)
     for s in steps:
         w.step(*s)
-    intro = f"I need to compute {expr}. Let me go step by step."
-    return w.text(intro, f"So the result is {_fmt(value)}."), w.markers
+    intro = f"I need to compute {_mark_operators(expr)}. Let me go step by step."
+    return w.text(intro, f"So the result is {_m('final_answer', _fmt(value))}."), w.markers
 
 
 def _gsm_trace(item: dict, rng: random.Random, hesitate: bool) -> tuple[str, list[str]]:
     cot = item["metadata"]["answer_cot"]
     cot = re.sub(r"\n#### .*$", "", cot.strip())
     lines = [ln for ln in cot.splitlines() if ln.strip()]
+    step = re.compile(r"(\d+) ([+\-×*]) (\d+) = (\d+)")
+
+    def marked(ln: str) -> str:
+        return step.sub(lambda mo: f"{mo.group(1)} {_m('operator', mo.group(2))} {mo.group(3)} = "
+                                   f"{_m('step_result', mo.group(4))}", _safe(ln))
+
     markers: list[str] = []
     if hesitate:
         out = []
         for ln in lines:
-            out.append(ln)
-            m = re.search(r"(\d+) ([+\-×*]) (\d+) = (\d+)", ln)
+            out.append(marked(ln))
+            m = step.search(ln)
             if m and rng.random() < 0.4:
-                out.append(f"Wait, let me verify: {m.group(1)} {m.group(2)} {m.group(3)} = {m.group(4)}. Yes.")
+                check = _m("verification", f"let me verify: {m.group(1)} {_m('operator', m.group(2))} {m.group(3)} = "
+                                           f"{m.group(4)}. Yes.")
+                out.append(f"{_m('hesitation', 'Wait')}, {check}")
                 markers.append("wait")
         if rng.random() < 0.5:
-            out.append("Hmm, let me double-check the final total once more.")
+            out.append(f"{_m('hesitation', 'Hmm')}, {_m('verification', 'let me double-check the final total once more.')}")
             markers.append("recheck")
-        lines = out
-    return "\n".join(lines), markers
+        return "\n".join(out), markers
+    return "\n".join(marked(ln) for ln in lines), markers
 
 
 def _make_trace(task: str, item: dict, rng: random.Random, hesitate: bool) -> tuple[str, list[str]]:
+    """The thinking text *with inline marks* and the trace's marker kinds."""
     if task in ("chain_sum", "basic_arithmetic"):
         return _arith_trace(item, rng, hesitate)
     if task == "gsm_symbolic":
@@ -187,14 +269,17 @@ def synthetic_traces(cfg: DataConfig, seed: int, exclude: Iterable[str] = ()) ->
             seen.add(key)
             hesitate = rng.random() < cfg.hesitation_share
             thinking, markers = _make_trace(mix.task, item, rng, hesitate)
-            attempt = f"The answer is {item['answer']}."
+            thinking, t_spans = plant(thinking)
+            attempt, a_spans = plant(f"The answer is {_m('final_answer', _safe(str(item['answer'])))}.")
+            spans = [{"concept": c, "field": f, "start": a, "end": b}
+                     for f, sp in (("thinking", t_spans), ("attempt", a_spans)) for c, a, b in sp]
             rows.append({
                 "question": item["question"],
                 "solution": str(item["answer"]),
                 "cot_type": "math",
                 "source_type": f"reasoning_gym/{mix.task}",
                 "metadata": json.dumps({"task": mix.task, "markers": markers,
-                                        "source_index": item["metadata"].get("source_index")}),
+                                        "source_index": item["metadata"].get("source_index"), "spans": spans}),
                 "gemini_thinking_trajectory": thinking,
                 "gemini_attempt": attempt,
                 "deepseek_thinking_trajectory": thinking,

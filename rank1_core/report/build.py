@@ -41,7 +41,7 @@ from rank1_core.report import tables as tabs
 from rank1_core.report.catalogue import build_catalogue, present, where
 from rank1_core.report.loaders import (SOURCES, SPARSE_STORE, TRANSCODER_STAGES, Missing, RunInputs, feature_key,
                                        sparse_index, stage_rows)
-from rank1_core.rundir import RunDir, code_version
+from rank1_core.rundir import RunDir, atomic_local_path, code_version, write_text_atomic
 
 CONTEXT_COLUMNS = ["feature", "sign", "rank", "doc_id", "pos", "value", "context_tokens", "context_values",
                    "hit_index"]
@@ -151,7 +151,7 @@ class ReportBuilder:
         inp = self.inputs
         tdir = self.out / "tables"
         summary = inp.table("evaluate", "summary.parquet", "Table 1 (recovery)", ["variant", "benchmark", "pass1"],
-                            optional=["stderr", "n_problems", "n_samples"])
+                            optional=["stderr", "n_problems", "n_samples", "marker_rate", "prompt"])
         sec = Section("table1", "Table 1: recovery of the full fine-tune's gain by the rank-1 LoRA")
         if summary is not None and len(summary):
             t1 = tabs.table1(summary)
@@ -164,6 +164,9 @@ class ReportBuilder:
                             "% Recovery (transcoder) = (transcoder - base) / (full - base) with this table's base "
                             "and full.")
             disp = tabs.table1_display(t1)
+            if any(c.startswith("Answer marker reached") for c in disp.columns):
+                caption += (" Answer marker reached: share of the responses to the s1-format prompt that wrote the "
+                            "answer marker (the others are graded per evaluate.missing_marker, by default wrong).")
             files = tabs.write_table(t1, tdir, "table1", disp, caption)
             sec.add(dash.html_table(disp)).add(_links(files))
             if "transcoder" in t1.columns:
@@ -245,6 +248,61 @@ class ReportBuilder:
         self.done("figure1")
         self.sections.append(sec)
 
+    # ---- ground truth -------------------------------------------------------------------
+
+    def ground_truth(self) -> None:
+        """The concepts stage: shares of clean / broad / unmatched features per source with
+        intervals and controls, the best feature per concept, explanation accuracy."""
+        inp = self.inputs
+        sec = Section("groundtruth", "Ground truth: what features detect, measured against planted concepts")
+        if not inp.started("concepts"):  # a run that never ran the stage: nothing to say about it
+            return
+        summary = inp.table("concepts", "summary.parquet", "Ground truth (shares of clean features)",
+                            ["source", "labels", "n_features", "clean", "broad", "unmatched"], all_columns=True)
+        if summary is None or summary.empty:
+            self.sections.append(sec)
+            return
+        r0 = summary.iloc[0]
+        figs.ground_truth(summary, self.out / "figures" / "ground_truth.png", self.cfg.figure_dpi)
+        sec.add(f"<p>Every feature is scored against every concept (AUROC of its activation over all tokens; "
+                f"precision of its top contexts). <b>Clean</b>: best concept AUROC &ge; {r0['clean_auroc']:g} and "
+                f"top-k precision &ge; {r0['clean_precision']:g}; <b>broad</b>: AUROC &ge; {r0['broad_auroc']:g}; "
+                "else unmatched. Controls: random directions in the adapter's activation space, and every source "
+                "against shuffled labels (chance). Intervals: 95% bootstrap over documents.</p>")
+        sec.add(_figure("figures/ground_truth.png", "Share of features per source whose best concept is clean or "
+                        "broad; hatched: the same features against shuffled labels."))
+        show = summary.copy()
+        for c in ("clean", "broad", "unmatched"):
+            show[c] = [f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
+                       for v, lo, hi in zip(show[c], show[f"{c}_lo"], show[f"{c}_hi"])]
+        sec.add(dash.html_table(show[["source", "labels", "n_features", "clean", "broad", "unmatched",
+                                      "max_auroc_bound"]]))
+        tdir = self.out / "tables"
+        tabs.write_table(summary, tdir, "ground_truth_summary")
+        best = inp.table("concepts", "best.parquet", "Ground truth (best feature per concept)",
+                         ["concept", "source", "feature", "auroc"], all_columns=True)
+        if best is not None and len(best):
+            wide = best.pivot_table(index="concept", columns="source", values="auroc", sort=False)
+            ctrl = best.groupby("concept", sort=False).agg(random=("random_auroc", "first"),
+                                                           shuffled=("shuffled_auroc", "max"))
+            table = wide.join(ctrl).reset_index().round(3)
+            sec.add("<p>Best feature per concept and source (AUROC), beside the best random direction and the "
+                    "best feature against shuffled labels:</p>" + dash.html_table(table))
+            tabs.write_table(best, tdir, "ground_truth_best")
+        if inp.done("concepts") and inp.stage("concepts").exists("explanations.parquet"):
+            ex = inp.table("concepts", "explanations.parquet", "explanation accuracy", ["model", "names_concept",
+                                                                                       "copied"])
+            if ex is not None and len(ex):
+                acc = ex.groupby("model").agg(clean_features_explained=("names_concept", "size"),
+                                              name_their_concept=("names_concept", "sum"),
+                                              copied_the_prompt=("copied", "sum")).reset_index()
+                acc["accuracy"] = (acc["name_their_concept"] / acc["clean_features_explained"]).round(3)
+                sec.add("<p>Explanations checked against the truth: of the features with a clean best concept, "
+                        "how many explanations name that concept (keyword lists per concept, "
+                        "<code>rank1_core.concepts.KEYWORDS</code>):</p>" + dash.html_table(acc))
+        self.done("ground_truth")
+        self.sections.append(sec)
+
     # ---- steering -----------------------------------------------------------------------
 
     def steering(self) -> None:
@@ -268,8 +326,8 @@ class ReportBuilder:
                 continue
             fdir.mkdir(parents=True, exist_ok=True)
             name = Path(rel).name
-            with st.fs.open_input_stream(st.path(rel)) as f:
-                (fdir / name).write_bytes(f.read())
+            with st.fs.open_input_stream(st.path(rel)) as f, atomic_local_path(fdir / name) as tmp:
+                tmp.write_bytes(f.read())
             self.steer_figures[(str(t.source), str(t.target))] = f"figures/steer/{name}"
             how = f" (chosen: {t.chosen_by})" if "chosen_by" in targets else ""
             sec.add(_figure(f"figures/steer/{name}", f"{t.source} {t.target}{how}: hesitation rate, response "
@@ -732,7 +790,7 @@ class ReportBuilder:
             nav = {"prev": f"{names[i - 1]}.html" if i > 0 else None,
                    "next": f"{names[i + 1]}.html" if i + 1 < len(names) else None}
             script = f"traces/d{trace['doc']}.js" if trace else None
-            (pdir / f"{names[i]}.html").write_text(dash.feature_page(row, data, hist_html, nav, script))
+            write_text_atomic(pdir / f"{names[i]}.html", dash.feature_page(row, data, hist_html, nav, script))
             self.on_page(1)
         if inp.done("topk") and not n_ctx and records:
             self._miss(f"top contexts of {src} features", f"topk/contexts.parquet has none for source '{src}'"
@@ -746,11 +804,11 @@ class ReportBuilder:
         for doc, (s, e) in getattr(self, "trace_ranges", {}).items():
             tdir.mkdir(parents=True, exist_ok=True)
             toks = self.doc_tokens.get(doc, [])[s:e]
-            (tdir / f"d{doc}.js").write_text(dash.trace_file(doc, s, toks))
+            write_text_atomic(tdir / f"d{doc}.js", dash.trace_file(doc, s, toks))
 
     def _feature_index(self, cat: pd.DataFrame) -> None:
         cols = ["id", "source", "where", "explanation", "classification", "category", "score", "max", "density",
-                "href", "order", "explanation_neg"]
+                "href", "order", "explanation_neg", "gt_concept", "gt_sign", "gt_auroc"]
         rows = []
         for r in cat.to_dict("records"):
             r = {c: (v if present(v) else None) for c, v in r.items()}
@@ -759,8 +817,9 @@ class ReportBuilder:
             cls = None if r.get("classification") is None else int(r["classification"])
             rows.append([r["key"], r["source"], where(r), r.get("explanation"), cls,
                          r.get("category_name"), dash.r3(r.get("score")), dash.r3(r.get("max")), dash.r3(density),
-                         href, int(r["order"]), r.get("explanation_neg") if r.get("sign") != "neg" else None])
-        (self.out / "features.html").write_text(dash.feature_index_page(rows, cols, self.run.uri))
+                         href, int(r["order"]), r.get("explanation_neg") if r.get("sign") != "neg" else None,
+                         r.get("gt_concept"), r.get("gt_sign"), dash.r3(r.get("gt_auroc"))])
+        write_text_atomic(self.out / "features.html", dash.feature_index_page(rows, cols, self.run.uri))
         self.done("features_index")
 
     def _figure2(self, cat: pd.DataFrame) -> None:
@@ -831,6 +890,15 @@ class ReportBuilder:
                 self.done("detection_scores")
         elif self.inputs.done("autointerp"):
             self._miss("explanation detection scores", "autointerp/explanations.parquet has no score")
+        summ = self.inputs.table("autointerp", "score_summary.parquet", "explanation score summary", ["source"],
+                                 all_columns=True) \
+            if self.inputs.done("autointerp") and self.inputs.exists("autointerp", "score_summary.parquet") else None
+        if summ is not None and len(summ) and "mean_fuzz" in summ.columns:
+            tabs.write_table(summ, self.out / "tables", "score_summary")
+            sec.add("<p>Mean explanation scores per source (detection and fuzzing: balanced accuracy, chance "
+                    "0.5; simulation: correlation of predicted and true activations, chance 0; weighted_*: "
+                    "weighted by firing rate):</p>" + dash.html_table(summ.round(3)))
+            self.done("score_summary")
         calls = self.inputs.table("autointerp", "calls.parquet", "LLM calls and spend", [], all_columns=True) \
             if self.inputs.done("autointerp") else None
         if calls is not None and len(calls):
@@ -875,7 +943,7 @@ class ReportBuilder:
                 f'<section id="status"><h2>Stages</h2>{status}</section>'
                 f'<section id="missing"><h2>Not rendered</h2>{miss_html}</section>'
                 + "".join(s.html() for s in self.sections if s.parts))
-        (self.out / "index.html").write_text(dash.page("rank1 report", body, "", (), "report"))
+        write_text_atomic(self.out / "index.html", dash.page("rank1 report", body, "", (), "report"))
 
     # ---- all ------------------------------------------------------------------------
 
@@ -889,9 +957,10 @@ class ReportBuilder:
         self.features()
         self._write_traces()
         self.transcoder()
+        self.ground_truth()
         self.curves()
-        order = {"table1": 0, "table2": 1, "figure1": 2, "figure2": 3, "figure3": 4, "sae": 5, "autointerp": 6,
-                 "transcoder": 7, "steering": 8, "training": 9}
+        order = {"table1": 0, "table2": 1, "figure1": 2, "figure2": 3, "groundtruth": 3.5, "figure3": 4, "sae": 5,
+                 "autointerp": 6, "transcoder": 7, "steering": 8, "training": 9}
         self.sections.sort(key=lambda s: order.get(s.anchor, 99))
         self.result.missing = list(self.inputs.missing)
         self.index()
@@ -899,7 +968,7 @@ class ReportBuilder:
         self.result.files = len(files) + 1
         self.result.bytes = sum(p.stat().st_size for p in files)
         self.result.seconds = time.perf_counter() - t0
-        (self.out / "report.json").write_text(json.dumps(self.result.to_dict(), indent=2) + "\n")
+        write_text_atomic(self.out / "report.json", json.dumps(self.result.to_dict(), indent=2) + "\n")
         return self.result
 
 

@@ -204,6 +204,43 @@ def build_catalogue(inputs: RunInputs, sources: Optional[Sequence[str]] = None) 
     for c in ("explanation", "category", "category_name", "classification_reasoning", "model", "error", "module", "kind",
               "explanation_neg", "category_name_neg", "sign", "hesitation"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
+    return ground_truth_columns(inputs, df)
+
+
+def ground_truth_columns(inputs: RunInputs, df: pd.DataFrame) -> pd.DataFrame:
+    """Add the concepts stage's verdict per feature: gt_concept, gt_sign, gt_auroc,
+    gt_precision, gt_class (best concept, true labels) and gt_aurocs (every concept's AUROC,
+    best sign, highest first, as text); and explanation_copied (the explanation repeats the
+    explain prompt's wording: never shown as the feature's headline)."""
+    from rank1_core.autointerp import prompts as P
+
+    df["explanation_copied"] = [bool(isinstance(e, str) and P.copied_from(e, P.EXPLAIN_INSTRUCTIONS))
+                                for e in df["explanation"]]
+    for c in ("gt_concept", "gt_sign", "gt_auroc", "gt_precision", "gt_class", "gt_aurocs"):
+        df[c] = None
+    if not inputs.done("concepts") or df.empty:
+        return df
+    feats = inputs.table("concepts", "features.parquet", "ground-truth concepts of each feature",
+                         ["source", "feature", "labels", "concept", "sign", "auroc", "precision", "class"])
+    scores = inputs.table("concepts", "scores.parquet", "concept AUROCs of each feature",
+                          ["source", "feature", "sign", "labels", "concept", "auroc"])
+    if feats is None:
+        return df
+    f = feats[feats["labels"] == "true"].set_index(["source", "feature"])
+    aurocs: dict = {}
+    if scores is not None:
+        sc = scores[scores["labels"] == "true"].groupby(["source", "feature", "concept"])["auroc"].max().reset_index()
+        for (src, feat), g in sc.groupby(["source", "feature"]):
+            g = g.sort_values("auroc", ascending=False)
+            aurocs[(src, feat)] = " · ".join(f"{c} {a:.3f}" for c, a in zip(g["concept"], g["auroc"]))
+    for i, (src, key) in enumerate(zip(df["source"], df["key"])):
+        if (src, key) in f.index:
+            r = f.loc[(src, key)]
+            if present(r["concept"]):
+                df.at[i, "gt_concept"], df.at[i, "gt_sign"] = r["concept"], r["sign"]
+                df.at[i, "gt_auroc"], df.at[i, "gt_precision"] = float(r["auroc"]), float(r["precision"])
+                df.at[i, "gt_class"] = r["class"]
+        df.at[i, "gt_aurocs"] = aurocs.get((src, key))
     return df
 
 

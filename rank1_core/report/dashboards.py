@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from rank1_core.rundir import atomic_local_path
+
 ASSETS = ("style.css", "index.js", "feature.js")
 CSP = ("default-src 'none'; script-src 'self' file:; style-src 'self' file: 'unsafe-inline'; "
        "img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
@@ -89,8 +91,8 @@ def copy_assets(out: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     src = resources.files("rank1_core.report") / "assets"
     for name in ASSETS:
-        with resources.as_file(src / name) as p:
-            shutil.copyfile(p, dest / name)
+        with resources.as_file(src / name) as p, atomic_local_path(dest / name) as tmp:
+            shutil.copyfile(p, tmp)
 
 
 def page(title: str, body: str, root: str, scripts: Sequence[str] = (), body_class: str = "") -> str:
@@ -194,6 +196,12 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
                      ("hesitation", "hesitation")):
         if row.get(k) is not None and not (isinstance(row[k], float) and math.isnan(row[k])):
             facts.append((label, _fmt(row[k])))
+    if row.get("gt_concept"):
+        facts.append(("ground truth", f"{row['gt_concept']}{' (negative side)' if row.get('gt_sign') == 'neg' else ''}: "
+                      f"AUROC {_fmt(row.get('gt_auroc'))}, top-k precision {_fmt(row.get('gt_precision'))} "
+                      f"({row.get('gt_class')})"))
+    if row.get("gt_aurocs"):
+        facts.append(("concept AUROCs", row["gt_aurocs"]))
     if row.get("model"):
         facts.append(("explained by", row["model"]))
     if row.get("error"):
@@ -205,6 +213,15 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
     if nav.get("next"):
         links.append(f'<a id="next" href="{esc(nav["next"])}">next &rarr;</a>')
     expl = row.get("explanation")
+    # Headline rule: an explanation flagged as a copy of the prompt is never the headline; the
+    # best ground-truth concept with its AUROC is, and the copy is shown only as flagged.
+    copied = bool(expl) and bool(row.get("explanation_copied"))
+    if copied:
+        facts.append(("flagged explanation", f"copies the prompt's wording: {expl}"))
+    gt_head = (f"ground truth: {row['gt_concept']} (AUROC {_fmt(row.get('gt_auroc'))})"
+               if row.get("gt_concept") else None)
+    headline = gt_head if copied or not expl else expl
+    facts_html = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
     steer_html = ""
     if row.get("steer_figure"):
         fig = esc(row["steer_figure"])
@@ -216,7 +233,7 @@ def feature_page(row: dict, data: dict, hist_html: str, nav: dict[str, Optional[
     body = f"""<nav class="top">{" · ".join(links)}</nav>
 <header class="feature-head">
 <h1><span class="src src-{esc(src)}">{esc(SOURCE_LABELS.get(src, src))}</span> <code id="fid">{esc(row["key"])}</code></h1>
-<p id="explanation" class="explanation{'' if expl else ' muted'}">{esc(expl) if expl else '(no explanation yet)'}</p>
+<p id="explanation" class="explanation{'' if headline else ' muted'}">{esc(headline) if headline else ('(explanation flagged: it copies the prompt)' if copied else '(no explanation yet)')}</p>
 </header>
 <div class="feature-top">
 <table class="facts">{facts_html}</table>
@@ -273,6 +290,7 @@ def feature_index_page(rows: list[list], columns: list[str], run_label: str) -> 
 <th data-k="id">feature</th><th data-k="source">source</th><th data-k="where">where</th>
 <th data-k="explanation">explanation</th><th data-k="classification">class</th><th data-k="category">category</th>
 <th data-k="score" class="num">score</th><th data-k="max" class="num">max act</th><th data-k="density" class="num">active</th>
+<th data-k="gt_auroc" class="num" title="best ground-truth concept (concepts stage) and its AUROC; click to sort by the AUROC">concept AUROC</th>
 </tr></thead><tbody id="rows"></tbody></table>
 <script type="application/json" id="index-data">{script_json(data)}</script>"""
     return page("rank1 features", body, "", ["assets/index.js"], "index")

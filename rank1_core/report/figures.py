@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from rank1_core.config import LORA_MODULES
+from rank1_core.rundir import atomic_local_path
 
 CLASS_LABELS = {0: "0 clear (monosemantic)", 1: "1 broad but consistent", 2: "2 polysemantic", -1: "unclassified"}
 CLASS_COLORS = {0: "#2b8a3e", 1: "#74b816", 2: "#e8590c", -1: "#adb5bd"}
@@ -31,9 +32,9 @@ def _label(s) -> str:
 
 
 def _save(fig: Figure, path: Path, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+    with atomic_local_path(path) as tmp:  # the temporary name keeps the suffix savefig reads
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", facecolor="white")
     return path
 
 
@@ -67,8 +68,9 @@ def figure1(kl_layers: Optional[pd.DataFrame], kl_components: Optional[pd.DataFr
         mods += sorted(set(kl_components["module"]) - set(mods))
         grid = np.full((len(mods), len(layers)), np.nan)
         li = {l: j for j, l in enumerate(layers)}
-        for r in kl_components.itertuples(index=False):
-            grid[mods.index(r.module), li[r.layer]] = r.kl_mean
+        for r in kl_components.itertuples(index=False):  # rank r: the largest of a module's r directions
+            grid[mods.index(r.module), li[r.layer]] = np.fmax(grid[mods.index(r.module), li[r.layer]], r.kl_mean)
+        per_cell = len(kl_components) > len(kl_components[["layer", "module"]].drop_duplicates())
         finite = grid[np.isfinite(grid)]
         norm = (LogNorm(vmin=max(finite.min(), finite.max() * 1e-6), vmax=finite.max())
                 if finite.size and (finite > 0).all() and finite.max() > finite.min() else Normalize())
@@ -77,7 +79,8 @@ def figure1(kl_layers: Optional[pd.DataFrame], kl_components: Optional[pd.DataFr
         step = max(1, len(layers) // 32)
         ax.set_xticks(range(0, len(layers), step), [str(layers[j]) for j in range(0, len(layers), step)])
         ax.set_xlabel("layer")
-        ax.set_title("(b) one adapter component ablated (KL, nats/token)")
+        ax.set_title("(b) one adapter component ablated (KL, nats/token)" if not per_cell else
+                     "(b) one direction ablated (KL, nats/token; the module's largest)")
         if len(layers) * len(mods) <= 120 and finite.size:
             for i in range(len(mods)):
                 for j in range(len(layers)):
@@ -320,4 +323,38 @@ def detection_scores(features: pd.DataFrame, path: Path, dpi: int = 130) -> Opti
     right.set_title("by classification", fontsize=10)
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+GT_CLASS_COLORS = {"clean": "#2b8a3e", "broad": "#74b816", "unmatched": "#adb5bd"}
+
+
+def ground_truth(summary: pd.DataFrame, path: Path, dpi: int = 130) -> Path:
+    """The objective Figure 2: per source, the share of features whose best ground-truth
+    concept is clean / broad, with 95% bootstrap intervals; hatched bars: the same features
+    against shuffled labels (chance). `summary`: the concepts stage's summary.parquet."""
+    srcs = list(dict.fromkeys(summary["source"]))
+    fig = Figure(figsize=(max(5.0, 1.3 * len(srcs) + 2), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.18
+    for i, src in enumerate(srcs):
+        for j, (lab, cl) in enumerate((("true", "clean"), ("true", "broad"), ("shuffled", "clean"),
+                                       ("shuffled", "broad"))):
+            r = summary[(summary["source"] == src) & (summary["labels"] == lab)]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            x = i + (j - 1.5) * width
+            err = None
+            if np.isfinite(r.get(f"{cl}_lo", np.nan)):
+                err = [[max(0.0, r[cl] - r[f"{cl}_lo"])], [max(0.0, r[f"{cl}_hi"] - r[cl])]]
+            ax.bar(x, r[cl], width, color=GT_CLASS_COLORS[cl], hatch="//" if lab == "shuffled" else None,
+                   edgecolor="white" if lab == "true" else "#495057", yerr=err, capsize=2,
+                   label=f"{cl}{' (shuffled labels)' if lab == 'shuffled' else ''}" if i == 0 else None)
+    ax.set_xticks(range(len(srcs)), [_label(SOURCE_LABELS.get(s, "random directions" if s == "random" else s))
+                                      for s in srcs], fontsize=8)
+    ax.set_ylabel("share of features")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title("Features whose best ground-truth concept is clean / broad", fontsize=9)
     return _save(fig, path, dpi)

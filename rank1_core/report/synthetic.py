@@ -23,7 +23,6 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rank1_core.config import LORA_MODULES
 from rank1_core.rundir import RunDir, StageRun, run_stage
@@ -92,10 +91,7 @@ def _stage(run: RunDir, name: str, body) -> dict:
 def _write(sr: StageRun, rel: str, table: pa.Table | pd.DataFrame) -> None:
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    path = sr.stage.path(rel)
-    sr.stage.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with sr.stage.fs.open_output_stream(path) as f:
-        pq.write_table(table, f)
+    sr.stage.write_parquet(rel, table)
     sr.rows[rel] = table.num_rows
 
 
@@ -226,7 +222,7 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
                                  "pass1": p + rng.normal(0, 0.02), "stderr": 0.05})
             s = pd.DataFrame(rows)
             _write(sr, "summary.parquet", s)
-            s.to_csv(sr.stage.local_path("table1.csv"), index=False)
+            sr.stage.write_text("table1.csv", s.to_csv(index=False))
             sr.stage.write_text("table1.md", "| synthetic |\n|---|\n")
             _write(sr, "samples.parquet", pd.DataFrame({
                 "variant": "base", "benchmark": "arith-heldout", "problem_id": ["p0"], "sample": [0],
@@ -254,7 +250,7 @@ def make_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None,
                               "kl_mean": 0.3 if grp == "mlp" else 0.05, "n_tokens": 1000})
             gdf = pd.DataFrame(g)
             _write(sr, "groups.parquet", gdf)
-            gdf.to_csv(sr.stage.local_path("table2.csv"), index=False)
+            sr.stage.write_text("table2.csv", gdf.to_csv(index=False))
             sr.stage.write_text("table2.md", "| synthetic |\n|---|\n")
         _stage(run, "ablate", body)
 

@@ -18,6 +18,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from rank1_core.grading import marker_cell, marker_rates
+from rank1_core.rundir import atomic_local_path, write_text_atomic
+
 VARIANT_NAMES = {"base": "Base", "lora": "Rank-1 LoRA", "full": "Full fine-tune", "transcoder": "Transcoder adapters"}
 # Table 1 columns that are not a variant's score.
 T1_META = ("benchmark", "n_problems", "n_samples", "recovery_pct", "transcoder_n_problems", "transcoder_recovery_pct")
@@ -39,10 +42,13 @@ def recovery(lora: Optional[float], base: Optional[float], full: Optional[float]
 
 
 def table1(summary: pd.DataFrame) -> pd.DataFrame:
-    """evaluate/summary.parquet (variant, benchmark, pass1[, stderr, n_problems, n_samples])
-    -> one row per benchmark: <variant> and <variant>_stderr columns, recovery_pct."""
+    """evaluate/summary.parquet (variant, benchmark, pass1[, stderr, n_problems, n_samples,
+    marker_rate, prompt]) -> one row per benchmark: <variant> and <variant>_stderr columns,
+    recovery_pct, and with marker_rate <variant>_marker_rate (share of the responses that
+    reached the answer marker; None for a plain-prompted variant, which expects none)."""
     variants = list(dict.fromkeys(["base", "lora", "full", *summary["variant"].astype(str)]))
     variants = [v for v in variants if (summary["variant"] == v).any()]
+    marks = marker_rates(summary)
     rows = []
     for bench, g in summary.groupby("benchmark", sort=False):
         row: dict = {"benchmark": str(bench)}
@@ -55,6 +61,8 @@ def table1(summary: pd.DataFrame) -> pd.DataFrame:
             row[v] = _num(hit["pass1"].iloc[0]) if len(hit) else None
             if "stderr" in g:
                 row[f"{v}_stderr"] = _num(hit["stderr"].iloc[0]) if len(hit) else None
+        if "marker_rate" in g:
+            row.update({f"{v}_marker_rate": marks.get((v, str(bench))) for v in variants})
         row["recovery_pct"] = recovery(row.get("lora"), row.get("base"), row.get("full"))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -75,25 +83,31 @@ def table1_add_transcoder(t1: pd.DataFrame, tsum: pd.DataFrame) -> pd.DataFrame:
         for c in ("n_problems", "n_samples"):
             if c in out:
                 out[c] = out[c].astype("Int64")
-    score, err, n, rec = [], [], [], []
+    marks = marker_rates(t)
+    score, err, n, rec, mark = [], [], [], [], []
     for row in out.to_dict("records"):
         r = by.get(str(row["benchmark"]))
         x = _num(r.get("pass1")) if r else None
         score.append(x)
         err.append(_num(r.get("stderr")) if r else None)
+        mark.append(marks.get(("transcoder", str(row["benchmark"]))))
         n.append(int(r["n_problems"]) if r and _num(r.get("n_problems")) is not None else None)
         rec.append(recovery(x, _num(row.get("base")), _num(row.get("full"))))
     out["transcoder"] = score
     out["transcoder_stderr"] = err
     out["transcoder_n_problems"] = pd.array(n, dtype="Int64")
     out["transcoder_recovery_pct"] = rec
+    if marks:
+        out["transcoder_marker_rate"] = mark
     return out
 
 
 def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
     """Table 1 as the paper prints it: 4-decimal scores (± stderr), % recovery (and, with the
-    transcoder adapters, their % recovery; their problem count when it is not Table 1's)."""
-    variants = [c for c in t1.columns if c not in T1_META and not c.endswith("_stderr")]
+    transcoder adapters, their % recovery; their problem count when it is not Table 1's; the
+    share of each variant's responses that reached the answer marker, plain-prompted ones left
+    out)."""
+    variants = [c for c in t1.columns if c not in T1_META and not c.endswith(("_stderr", "_marker_rate"))]
     out = pd.DataFrame({"Benchmark": t1["benchmark"]})
     if "n_problems" in t1:
         out["Problems"] = ["" if _num(v) is None else int(v) for v in t1["n_problems"]]
@@ -108,6 +122,11 @@ def table1_display(t1: pd.DataFrame) -> pd.DataFrame:
                 _num(a) is not None and _num(a) != _num(b) for a, b in zip(t1["transcoder_n_problems"], t1["n_problems"]))):
             out.insert(list(out.columns).index("Transcoder adapters"), "Transcoder problems",
                        ["" if _num(v) is None else str(int(v)) for v in t1["transcoder_n_problems"]])
+    marked = [v for v in variants
+              if f"{v}_marker_rate" in t1 and any(_num(x) is not None for x in t1[f"{v}_marker_rate"])]
+    if marked:
+        head = f"Answer marker reached ({' / '.join(VARIANT_NAMES.get(v, v) for v in marked)})"
+        out[head] = [marker_cell([_num(r[f"{v}_marker_rate"]) for v in marked]) for r in t1.to_dict("records")]
     return out
 
 
@@ -314,22 +333,27 @@ def _cell(v) -> str:
     return str(v)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pipes and newlines in cells escaped)."""
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+def md_escape(text) -> str:
+    """Text made safe for a Markdown table cell or line, the one escape of every Markdown file
+    rank1 writes: HTML (`&`, `<`, `>`) as entities, so GitHub, Jupyter and IDE previews show
+    markup as text and never run it; pipes and backslashes escaped; newlines made spaces."""
+    s = str(text).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return s.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
-    head = "| " + " | ".join(esc(str(c)) for c in df.columns) + " |"
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (cells through `md_escape`)."""
+    head = "| " + " | ".join(md_escape(c) for c in df.columns) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(esc(_cell(v)) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(md_escape(_cell(v)) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, name: str, display: Optional[pd.DataFrame] = None,
                 caption: str = "") -> dict:
     """`<name>.csv` (the numbers) and `<name>.md` (the display form, with a caption)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / f"{name}.csv", index=False)
+    with atomic_local_path(out_dir / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
     md = to_markdown(display if display is not None else df)
-    (out_dir / f"{name}.md").write_text((f"{caption}\n\n" if caption else "") + md)
+    write_text_atomic(out_dir / f"{name}.md", (f"{caption}\n\n" if caption else "") + md)
     return {"csv": f"{out_dir.name}/{name}.csv", "md": f"{out_dir.name}/{name}.md"}

@@ -53,9 +53,16 @@
     tr.appendChild(el("td", fmt(o.score), "num"));
     tr.appendChild(el("td", fmt(o.max), "num"));
     tr.appendChild(el("td", o.density === null ? "" : (100 * o.density).toPrecision(2) + "%", "num"));
+    // best ground-truth concept (concepts stage) and its AUROC; the column sorts by the AUROC
+    var gt = el("td", null, "num gt");
+    if (o.gt_concept) {
+      gt.appendChild(el("span", o.gt_concept + (o.gt_sign === "neg" ? " (\u2212)" : ""), "gt-concept"));
+      gt.appendChild(document.createTextNode(" " + fmt(o.gt_auroc)));
+    }
+    tr.appendChild(gt);
     o.tr = tr;
     o.text = [o.id, o.where, o.explanation || "", o.explanation_neg || "", o.category || "",
-              SRC[o.source] || ""].join(" \u0001 ").toLowerCase();
+              SRC[o.source] || "", o.gt_concept || ""].join(" \u0001 ").toLowerCase();
     return o;
   });
 
@@ -131,7 +138,7 @@
   Array.prototype.forEach.call(document.querySelectorAll("table.features th[data-k]"), function (th) {
     th.addEventListener("click", function () {
       var k = th.dataset.k;
-      sortDir = sortKey === k ? -sortDir : (["score", "max", "density"].indexOf(k) >= 0 ? -1 : 1);
+      sortDir = sortKey === k ? -sortDir : (["score", "max", "density", "gt_auroc"].indexOf(k) >= 0 ? -1 : 1);
       sortKey = k;
       document.querySelectorAll("table.features th").forEach(function (h) { h.classList.remove("sorted-asc", "sorted-desc"); });
       th.classList.add(sortDir > 0 ? "sorted-asc" : "sorted-desc");

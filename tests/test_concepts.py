@@ -1,0 +1,332 @@
+"""Ground truth, fast tier (no Ray, no model): planted spans, lexical labels, AUROC by hand and
+against the exact rank formula, the histogram error bound, top-k with a per-document cap,
+sparse == dense, the controls, explanation keywords, and the one hesitation rule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rank1_core import concepts as K
+from rank1_core.config import ConceptsConfig, ConfigError, DataConfig, TaskMix, load_config
+from rank1_core.data.synthetic import PLANTED_CONCEPTS, plant, synthetic_traces
+from rank1_core.lexicon import HESITATION_WORDS, count_words
+from rank1_core.rundir import RunDir, run_stage
+
+# --------------------------------------------------------------------------- planted spans
+
+
+def test_plant_strips_nested_marks():
+    text, spans = plant("⟦hesitation|Wait⟧, ⟦verification|check 2 ⟦operator|+⟧ 3. Yes.⟧")
+    assert text == "Wait, check 2 + 3. Yes."
+    assert spans == [("hesitation", 0, 4), ("verification", 6, 23), ("operator", 14, 15)]
+
+
+def test_synthetic_traces_record_their_planted_spans():
+    cfg = DataConfig(num_traces=40, heldout_traces=4, hesitation_share=1.0,
+                     tasks=[TaskMix(task="chain_sum", config={"min_terms": 3, "max_terms": 3, "min_digits": 1,
+                                                              "max_digits": 1})])
+    rows = synthetic_traces(cfg, seed=3)
+    seen = set()
+    for r in rows:
+        meta = json.loads(r["metadata"])
+        texts = {"thinking": r["deepseek_thinking_trajectory"], "attempt": r["deepseek_attempt"]}
+        for s in meta["spans"]:
+            piece = texts[s["field"]][s["start"]:s["end"]]
+            seen.add(s["concept"])
+            if s["concept"] == "hesitation":
+                assert piece in HESITATION_WORDS
+            elif s["concept"] == "correction":
+                assert piece == "that's not right."
+            elif s["concept"] == "verification":
+                assert piece.startswith("let me double-check")
+            elif s["concept"] == "operator":
+                assert piece in "+-*/"
+            elif s["concept"] in ("slip_value", "step_result", "final_answer"):
+                assert piece.lstrip("-").isdigit()
+        # the planted hesitations are exactly the lexicon's words in the thinking text
+        hes = [s for s in meta["spans"] if s["concept"] == "hesitation"]
+        assert len(hes) == count_words(texts["thinking"])
+        assert texts["attempt"][[s for s in meta["spans"] if s["field"] == "attempt"][0]["start"]:] == \
+            r["solution"] + "."
+    assert seen == set(PLANTED_CONCEPTS)
+
+
+# --------------------------------------------------------------------------- AUROC
+
+
+def _hist_auroc(x, y, bits=16):
+    b = K.value_bins(np.asarray(x, np.float32), bits)
+    u, inv = np.unique(b, return_inverse=True)
+    zero = int(np.searchsorted(u, K.zero_bin(bits)))
+    zero = zero if zero < len(u) and u[zero] == K.zero_bin(bits) else -1
+    auc, bound = K.auroc_from_counts(np.bincount(inv), np.bincount(inv[np.asarray(y, bool)], minlength=len(u)), zero)
+    return float(auc[0]), float(bound[0])
+
+
+def test_auroc_by_hand():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: pairs won 1 + 0 + 1 + 1 = 3 of 4
+    assert _hist_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == (0.75, 0.0)
+    assert K.exact_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == 0.75
+    # a tie counts one half: positives {1, 2} vs negatives {1, 0}: 0.5 + 1 + 1 + 1 = 3.5 of 4
+    # (the bound, 0.5 x 1 pair sharing a bin / 4 pairs, cannot tell a tie from two close values)
+    assert _hist_auroc([1, 1, 2, 0], [1, 0, 1, 0]) == (0.875, 0.125)
+    # -0.0 and 0.0 are one value
+    assert _hist_auroc([-0.0, 0.0, 1.0], [1, 0, 1])[0] == 0.75
+
+
+def test_value_bins_preserve_order():
+    x = np.array([-np.inf, -1e30, -2.5, -1.0, -1e-30, 0.0, 1e-30, 1.0, 2.5, 1e30, np.inf], np.float32)
+    b = K.value_bins(x, 24)
+    assert (np.diff(b) > 0).all()
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_histogram_auroc_within_its_bound_of_the_exact_one(bits):
+    rng = np.random.default_rng(bits)
+    n = 5000
+    x = np.where(rng.random(n) < 0.4, 0.0, rng.normal(size=n)).astype(np.float32)  # zeros: real ties
+    y = (rng.random(n) < 0.1) | (x > 1.0)
+    auc, bound = _hist_auroc(x, y, bits)
+    exact = K.exact_auroc(x, y)
+    assert abs(auc - exact) <= bound + 1e-12
+    if bits == 16:
+        assert bound < 2e-3
+
+
+def test_value_bins_table_matches_the_arithmetic_keys():
+    # up to 16 bits a table look-up on the raw high bits; above, arithmetic on the key: one order
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_t(3, 20000) * 10.0 ** rng.integers(-30, 30, 20000), [0.0, -0.0, np.inf, -np.inf]])
+    x = x.astype(np.float32)
+    k24 = K.value_bins(x, 24)
+    for bits in (8, 12, 16):
+        kb = K.value_bins(x, bits)
+        assert kb.dtype == np.uint16
+        np.testing.assert_array_equal(kb.astype(np.int64), k24 >> (24 - bits))
+    assert K.value_bins(np.array([-0.0, 0.0], np.float32), 16).tolist() == [K.zero_bin(16)] * 2
+
+
+def test_top_contexts_from_the_histogram_equal_the_full_sort():
+    labels, rng = _labels(n_docs=30, doc_len=100)
+    sc = K.Scorer(labels, ConceptsConfig(bootstrap=0, k=16, max_per_doc=2))
+    n = labels.index.n
+    columns = (rng.normal(size=n),
+               np.where(rng.random(n) < 0.97, 0.0, rng.exponential(size=n)),  # mostly zeros: ties everywhere
+               np.repeat(rng.normal(size=30), 100))  # one value per document: the cap decides
+    for x in columns:
+        x = x.astype(np.float32)
+        keys = K.value_bins(x, 16)
+        hist = np.bincount(keys, minlength=1 << 16)
+        for sign, v in (("pos", x), ("neg", -x)):
+            got = sc._top_dense(x, keys, hist, sign, depth=4)
+            want = K.top_contexts(v, sc.doc, 16, 2, depth=4, n_docs=30)
+            assert len(got) == 60 and got.tolist() == want.tolist()
+
+
+def test_top_contexts_caps_per_document():
+    values = np.array([9, 8, 7, 6, 5, 4, 3], np.float32)
+    docs = np.array([0, 0, 0, 1, 1, 2, 2])
+    assert K.top_contexts(values, docs, k=4, cap=2).tolist() == [0, 1, 3, 4]
+    assert K.top_contexts(values, docs, k=10, cap=1).tolist() == [0, 3, 5]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _labels(n_docs=100, doc_len=100, seed=0):
+    rng = np.random.default_rng(seed)
+    ix = K.TokenIndex(np.arange(n_docs, dtype=np.int64) * 10, np.arange(0, n_docs * doc_len + 1, doc_len))
+    rare = np.sort(rng.choice(ix.n, ix.n // 50, replace=False))
+    common = np.sort(rng.choice(ix.n, ix.n // 5, replace=False))
+    section = np.flatnonzero(np.arange(ix.n) % doc_len >= 20)
+    return K.Labels(ix, [K.Concept("think", "section", "", section), K.Concept("rare", "lexical", "", rare),
+                         K.Concept("common", "lexical", "", common)]), rng
+
+
+def test_a_planted_detector_is_clean_and_its_controls_are_chance():
+    labels, rng = _labels()
+    cfg = ConceptsConfig(bootstrap=50)
+    sc = K.Scorer(labels, cfg)
+    rare = labels.concepts[1].tokens
+    x = rng.normal(size=labels.index.n).astype(np.float32)
+    x[rare] -= 6.0  # fires *negatively* on the concept: found through the negative sign
+    fs = sc.score("adapter", "A", x, None, signed=True)
+    c = sc.names.index("rare")
+    assert fs.best["true"] == (c, "neg")
+    assert fs.auroc[("true", "neg")][c] > 0.99 and fs.precision[("true", "neg")][c] == 1.0
+    # shuffled labels: the same feature against labels moved inside their documents
+    assert abs(fs.auroc[("shuffled", "neg")][c] - 0.5) < 0.1
+    table = K.features_table([fs], sc.names, cfg).to_pylist()
+    assert [(r["labels"], r["class"]) for r in table] == [("true", "clean"), ("shuffled", "unmatched")]
+    auc_reps, prec_reps = fs.reps["true"]
+    assert len(auc_reps) == 50 and (auc_reps > 0.98).all() and (prec_reps == 1.0).all()
+    # a whole section is scored but never the best concept (concepts.best_excludes)
+    y = rng.normal(size=labels.index.n).astype(np.float32)
+    y[labels.concepts[0].tokens] += 5
+    fs2 = sc.score("neuron", "N", y, None, signed=False)
+    assert fs2.auroc[("true", "pos")][0] > 0.99 and fs2.best["true"][0] != 0
+
+
+def test_sparse_and_dense_scores_agree():
+    labels, rng = _labels(seed=1)
+    sc = K.Scorer(labels, ConceptsConfig(bootstrap=20))
+    x = np.where(rng.random(labels.index.n) < 0.1, rng.exponential(size=labels.index.n), 0).astype(np.float32)
+    x[labels.concepts[2].tokens] += 0.5
+    t = np.flatnonzero(x)
+    dense, sparse = sc.score("sae", "F", x, None, False), sc.score("sae", "F", x[t], t, False)
+    for key in dense.auroc:
+        np.testing.assert_allclose(dense.auroc[key], sparse.auroc[key])
+        np.testing.assert_allclose(dense.precision[key], sparse.precision[key])
+    np.testing.assert_allclose(dense.reps["true"][0], sparse.reps["true"][0])
+    truth = np.isin(np.arange(labels.index.n), labels.concepts[2].tokens)
+    assert abs(dense.auroc[("true", "pos")][2] - K.exact_auroc(x, truth)) <= dense.bound[("true", "pos")][2] + 1e-9
+
+
+def test_summary_shares_and_intervals():
+    labels, rng = _labels(seed=2)
+    cfg = ConceptsConfig(bootstrap=100)
+    sc = K.Scorer(labels, cfg)
+    scores = []
+    for j in range(6):
+        x = rng.normal(size=labels.index.n).astype(np.float32)
+        if j < 2:
+            x[labels.concepts[1].tokens] += 8  # two clean detectors of "rare"
+        scores.append(sc.score("adapter", f"A{j}", x, None, True))
+    feats = K.features_table(scores, sc.names, cfg)
+    s = {(r["source"], r["labels"]): r for r in K.summary_table(scores, feats, ["adapter"], cfg).to_pylist()}
+    t = s[("adapter", "true")]
+    assert t["n_features"] == 6 and t["clean"] == pytest.approx(2 / 6)
+    assert t["clean_lo"] <= t["clean"] <= t["clean_hi"]
+    assert s[("adapter", "shuffled")]["clean"] == 0.0
+    best = K.best_table(scores, sc.names, ["adapter"]).to_pylist()
+    rare = [b for b in best if b["concept"] == "rare"][0]
+    assert rare["feature"] in ("A0", "A1") and rare["auroc"] > 0.99 and rare["shuffled_auroc"] < 0.7
+    text = K.format_summary(K.summary_table(scores, feats, ["adapter"], cfg), K.best_table(scores, sc.names, ["adapter"]),
+                            cfg)
+    assert "AUROC >= 0.9" in text and "precision >= 0.8" in text and "rare" in text
+
+
+def test_random_directions_have_unit_norm():
+    u = K.random_directions(210, 16, seed=0)
+    assert u.shape == (210, 16)
+    np.testing.assert_allclose(np.linalg.norm(u, axis=0), 1.0)
+
+
+# --------------------------------------------------------------------------- lexical labels on a hand-made run
+
+
+def _token_run(tmp_path, docs: dict[int, list[str]]) -> RunDir:
+    run = RunDir(str(tmp_path / "run"))
+
+    def body(sr):
+        sr.stage.fs.create_dir(sr.stage.path("tokens"), recursive=True)
+        rows = [(d, p, t) for d, toks in docs.items() for p, t in enumerate(toks)]
+        pq.write_table(pa.table({"doc_id": pa.array([r[0] for r in rows], pa.int64()),
+                                 "pos": pa.array([r[1] for r in rows], pa.int32()),
+                                 "token_id": pa.array([0] * len(rows), pa.int32()),
+                                 "token": [r[2] for r in rows], "split": ["train"] * len(rows)}),
+                       sr.stage.path("tokens", "part-0.parquet"))
+
+    run_stage(run.stage("extract"), "hand", "", body, log=lambda m: None)
+    return run
+
+
+def test_lexical_labels_exact_token_positions(tmp_path):
+    run = _token_run(tmp_path, {7: ["Wait", ",", " wait", "ing", " 3", "4", "\n", "HMM", "."],
+                                9: ["x", " =", " 5", " hmm"]})
+    cfg = ConceptsConfig(sql=[])
+    labels = K.build_labels(run, cfg, log=lambda m: None)
+    ix = labels.index
+    got = {c.name: [(int(ix.doc_ids[np.searchsorted(ix.starts, t, side="right") - 1]),
+                     int(t - ix.starts[np.searchsorted(ix.starts, t, side="right") - 1])) for t in c.tokens]
+           for c in labels.concepts}
+    assert got["hesitation_word"] == [(7, 0), (7, 7), (9, 3)]  # "waiting" is not a whole word
+    assert got["number"] == [(7, 4), (7, 5), (9, 2)]  # "34" spans two tokens
+    assert got["newline"] == [(7, 6)]
+
+
+def test_sql_concept_and_its_bad_positions(tmp_path):
+    from rank1_core.config import SQLConcept
+
+    run = _token_run(tmp_path, {1: ["a", " =", " 5", "."], 2: ["b", " =", " 6"]})
+    labels = K.build_labels(run, ConceptsConfig(lexical=[]), log=lambda m: None)
+    assert [c.name for c in labels.concepts] == ["after_equals"]
+    assert labels.concepts[0].tokens.tolist() == [2, 6]
+    bad = tmp_path / "concept_outside.sql"
+    bad.write_text("SELECT doc_id, pos + 1 AS pos FROM tokens WHERE token = ' 6'\n")
+    with pytest.raises(K.ConceptError, match=r"concept_outside\.sql: SQL concept 'outside'.*doc_id 2 pos 3"):
+        K.build_labels(run, ConceptsConfig(lexical=[], sql=[SQLConcept(name="outside", query=str(bad))]),
+                       log=lambda m: None)
+    cols = tmp_path / "concept_cols.sql"
+    cols.write_text("SELECT doc_id FROM tokens")
+    with pytest.raises(K.ConceptError, match="must return columns doc_id, pos"):
+        K.build_labels(run, ConceptsConfig(lexical=[], sql=[SQLConcept(name="cols", query=str(cols))]),
+                       log=lambda m: None)
+
+
+def test_empty_concept_warns_and_is_marked(tmp_path):
+    from rank1_core.config import LexicalConcept
+
+    run = _token_run(tmp_path, {1: ["a", " b"]})
+    cfg = ConceptsConfig(sql=[], lexical=[LexicalConcept(name="never", words=["zebra"])])
+    with pytest.warns(UserWarning, match="concept 'never'.*matches no token"):
+        labels = K.build_labels(run, cfg, log=lambda m: None)
+    cat = K.catalogue_table(labels).to_pylist()
+    assert cat == [{"concept": "never", "kind": "lexical", "definition": "words: zebra", "n_tokens": 0, "n_docs": 0,
+                    "share": 0.0, "empty": True}]
+    assert labels.scored == []
+
+
+def test_bad_regex_names_the_concept_and_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("concepts:\n  lexical:\n    - {name: broken, regex: '(unclosed'}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: concepts\.lexical: concept 'broken': regex .* does not compile"):
+        load_config(p)
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def test_explanations_checked_against_the_truth():
+    import pandas as pd
+
+    feats = pa.Table.from_pylist([
+        {"source": "adapter", "feature": "A", "labels": "true", "concept": "hesitation", "sign": "pos", "auroc": 0.97,
+         "auroc_bound": 0.0, "precision": 0.9, "n_top": 64, "class": "clean"},
+        {"source": "adapter", "feature": "B", "labels": "true", "concept": "operator", "sign": "pos", "auroc": 0.95,
+         "auroc_bound": 0.0, "precision": 0.9, "n_top": 64, "class": "clean"},
+        {"source": "adapter", "feature": "C", "labels": "true", "concept": "number", "sign": "pos", "auroc": 0.6,
+         "auroc_bound": 0.0, "precision": 0.1, "n_top": 64, "class": "unmatched"},
+    ], schema=K.FEATURES_SCHEMA)
+    expl = pd.DataFrame({"source": ["adapter"] * 4, "feature": ["A", "B", "C", "A"], "sign": ["pos"] * 4,
+                         "explanation": ["the word 'Wait' before a re-check", "Your concise explanation in just a few words",
+                                         "digits", "plus signs between numbers"],
+                         "model": ["m1", "m1", "m1", "m2"]})
+    check = K.explanation_check(expl, feats, ConceptsConfig()).to_pylist()
+    assert [(r["feature"], r["model"], r["copied"], r["names_concept"]) for r in check] == [
+        ("A", "m1", False, True), ("B", "m1", True, False), ("A", "m2", False, False)]
+    acc = {a["model"]: a for a in K.explanation_accuracy(pa.Table.from_pylist(check, schema=K.EXPLAIN_SCHEMA))}
+    assert acc["m1"]["accuracy"] == 0.5 and acc["m1"]["copied"] == 1 and acc["m2"]["accuracy"] == 0.0
+
+
+# --------------------------------------------------------------------------- one hesitation rule
+
+
+def test_steer_and_transcoder_eval_count_hesitations_with_one_rule():
+    from rank1_core.steering import count_hesitations, hesitation_pattern
+    from rank1_core.transcoder import count_words as transcoder_count
+
+    cfg = load_config(K.S.QUERIES_DIR.parent / "configs" / "demo.yaml")
+    assert cfg.steer.hesitation_tokens == cfg.transcoder.hesitation.words == list(HESITATION_WORDS)
+    texts = ["Wait, 2 + 2 = 5. Hmm... wait! Waiting, await, WAIT. HmmWait", "", "x\nWait\nhmm", "no pause here"]
+    for text in texts:
+        n = count_words(text, HESITATION_WORDS)
+        assert count_hesitations(text, HESITATION_WORDS) == n
+        assert count_hesitations(text, hesitation_pattern(HESITATION_WORDS)) == n
+        assert transcoder_count(text, HESITATION_WORDS) == n
+    assert [count_words(t) for t in texts] == [4, 0, 2, 0]
