@@ -344,7 +344,7 @@ class Extractor:
     """
 
     def __init__(self, model_dir, adapter_dir: str | None, run_uri: str | None = None, *, stage: str = "extract",
-                 mlp_neurons: int = 60,
+                 stage_folder: str | None = None, mlp_neurons: int = 60,
                  batch_tokens: int = 4096, dtype: str = "float32", device: str = "cpu",
                  torch_threads: int | None = None, compression: str = "zstd",
                  splits: Sequence[str] = ("train", "heldout"), crash: dict | None = None):
@@ -381,7 +381,9 @@ class Extractor:
         self._token_text: dict[int, str] = {}
         self.stage: StageDir | None = None
         if run_uri is not None:
-            self.stage = RunDir(run_uri).stage(stage)
+            # stage_folder: where the driver builds this run's outputs (`.staging/<stage>` when a
+            # finished stage is being redone beside its old outputs).
+            self.stage = StageDir(RunDir(run_uri), stage, stage_folder)
 
     # ---- pure part --------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
             ds = ds.map_batches(
                 A.Extractor,
                 fn_constructor_kwargs=dict(
-                    model_dir=cfg.model, adapter_dir=None, run_uri=cfg.run.dir, stage=STAGE,
+                    model_dir=cfg.model, adapter_dir=None, run_uri=cfg.run.dir, stage=STAGE, stage_folder=st.folder,
                     mlp_neurons=n_neurons, batch_tokens=ec.batch_tokens,
                     dtype=ec.dtype or cfg.model.dtype, device="cuda" if gpu else "cpu",
                     torch_threads=ec.torch_threads or max(1, math.ceil(ec.cpus_per_actor)),
