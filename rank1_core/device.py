@@ -258,14 +258,10 @@ class Choice:
     requested: str
     warning: str | None = None
 
-    def line(self) -> str:
-        how = "auto" if self.requested == AUTO else "set in the config"
-        return f"{self.key}: {self.value} ({how}; {self.why})"
 
-
-# Each setting: (config key, getter/setter path, kind, stage device rule).
-# kind "dtype": float32/bfloat16; "train": float32/bf16/bf16_autocast; "autocast": float32/bf16_autocast;
-# "generate": a dtype that stays float32 on CPU (one dtype for every generated variant).
+# Kinds of setting: "dtype" float32/bfloat16; "train" float32/bf16; "full" float32/bf16_autocast/bf16;
+# "autocast" float32/bf16_autocast; "generate" a dtype that stays float32 on CPU (one dtype for
+# every generated variant).
 
 
 def _pick(kind: str, hw: Hardware, deepspeed: bool = False) -> str:
@@ -286,7 +282,7 @@ def _settings(cfg: Any) -> list[tuple[str, Any, str, str, str]]:
         ("extract.dtype", cfg.extract, "dtype", "dtype", "cuda" if cfg.extract.gpus_per_actor else "cpu"),
         ("evaluate.dtype", cfg.evaluate, "dtype", "generate", "cuda" if cfg.evaluate.actor_gpus else "cpu"),
         ("ablate.dtype", cfg.ablate, "dtype", "generate", "cuda" if cfg.ablate.actor_gpus else "cpu"),
-        ("steer.dtype", cfg.steer, "dtype", "generate", "cuda" if getattr(cfg.steer, "actor_gpus", 0) else "cpu"),
+        ("steer.dtype", cfg.steer, "dtype", "generate", "cpu"),  # steer's actors take no GPU setting
         ("transcoder.precision", tc, "precision", "autocast", "cuda" if tc.gpus_per_worker else "cpu"),
         ("autointerp.local_server.dtype", cfg.autointerp.local_server, "dtype", "dtype", _local_device()),
     ]
