@@ -467,3 +467,78 @@ class KLWorker:
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the ablate stage's inputs and tables
+
+
+def heldout_docs(cfg) -> list[dict]:
+    """Held-out traces (doc_id, input_ids, loss_mask) from prepare/tokens, first ablate.heldout_docs."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from rank1_core.rundir import RunDir
+
+    prep = RunDir(cfg.run.dir).stage("prepare")
+    ds = pads.dataset(prep.path("tokens"), filesystem=prep.fs, format="parquet")
+    t = ds.to_table(columns=["doc_id", "split", "input_ids", "loss_mask"], filter=pc.field("split") == "heldout")
+    t = t.sort_by("doc_id")
+    if cfg.ablate.heldout_docs:
+        t = t.slice(0, cfg.ablate.heldout_docs)
+    if t.num_rows == 0:
+        raise ValueError(f"{prep.uri_of('tokens')} has no held-out traces (split 'heldout'); "
+                         "set data.heldout_traces > 0 and rerun prepare")
+    return t.select(["doc_id", "input_ids", "loss_mask"]).to_pylist()
+
+
+def kl_tables(agg, kind: str = "component"):
+    """(components, layers, groups) KL tables from `rank1_core.ablation.aggregate`; with
+    kind="module", the first is the per-module table of a rank-r adapter."""
+    comps = agg[agg["kind"] == kind].copy()
+    comps.insert(0, "column", comps["ablation"])
+    comps["layer"] = comps["layer"].astype("int32")
+    comps["kind"] = [module_kind(m) for m in comps["module"]]
+    comps = comps[["column", "layer", "module", "kind", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
+    layers = agg[agg["kind"] == "layer"].copy()
+    layers["layer"] = layers["layer"].astype("int32")
+    layers = layers[["layer", "n_components", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
+    groups = agg[agg["kind"] == "group"][["ablation", "n_components", "kl_mean", "kl_sem"]].rename(
+        columns={"ablation": "group"})
+    return comps.reset_index(drop=True), layers.reset_index(drop=True), groups.reset_index(drop=True)
+
+
+def kl_summary(comps, layers, top: int) -> str:
+    """Which layers and modules matter most, as printed text."""
+    lines = []
+    if len(comps):
+        lines.append(f"Top {min(top, len(comps))} components by KL(ablated || full adapter):")
+        for r in comps.sort_values("kl_mean", ascending=False).head(top).itertuples():
+            lines.append(f"  {r.column:<16} {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
+        by_mod = comps.groupby("module")["kl_mean"].mean().sort_values(ascending=False)
+        lines.append("Mean KL by module: " + ", ".join(f"{m} {v:.3e}" for m, v in by_mod.items()))
+        by_kind = comps.groupby("kind")["kl_mean"].mean()
+        lines.append("Mean KL by kind: " + ", ".join(f"{k} {v:.3e}" for k, v in by_kind.items()))
+    if len(layers):
+        lines.append(f"Top {min(top, len(layers))} layers:")
+        for r in layers.sort_values("kl_mean", ascending=False).head(top).itertuples():
+            lines.append(f"  layer {r.layer:>3}  {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
+    return "\n".join(lines)
+
+
+def group_table(groups_kl, t2, summary, names: list[str]):
+    """groups.parquet with benchmarks: per group and benchmark its KL (`kl_tables`' groups),
+    pass@1 (`summary`: rank1_core.benchmarks.summarize rows of variant `<group>_ablated`),
+    and Table 2's base, lora and relative score (`t2`: rank1_core.grading.table2)."""
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        kl = groups_kl[groups_kl["group"] == name].iloc[0]
+        for r in t2.itertuples():
+            s = summary[(summary["variant"] == f"{name}_ablated") & (summary["benchmark"] == r.benchmark)].iloc[0]
+            rows.append({"group": name, "benchmark": r.benchmark, "n_components": int(kl.n_components),
+                         "kl_mean": float(kl.kl_mean), "kl_sem": float(kl.kl_sem),
+                         "n_problems": int(s.n_problems), "n_samples": int(s.n_samples),
+                         "pass1": float(s.pass1), "stderr": float(s.stderr), "base": float(r.base),
+                         "lora": float(r.lora), "relative": float(getattr(r, f"{name}_relative"))})
+    return pd.DataFrame(rows)

@@ -222,13 +222,37 @@ class Labels:
         return [c for c in self.concepts if 0 < len(c.tokens) < self.index.n]
 
     def mask(self, concepts: list[Concept]) -> np.ndarray:
-        """uint64 bit mask per token: bit j set when the token carries concepts[j]."""
-        if len(concepts) > 64:
-            raise ConceptError(f"at most 64 scored concepts, got {len(concepts)}")
-        m = np.zeros(self.index.n, dtype=np.uint64)
-        for j, c in enumerate(concepts):
-            m[c.tokens] |= np.uint64(1 << j)
-        return m
+        """Bit mask per token, bit j set when the token carries concepts[j]: uint16 for up to
+        16 concepts (2 bytes a token), uint32 up to 32, uint64 up to 64."""
+        return token_mask(self.index.n, [c.tokens for c in concepts])
+
+
+def mask_dtype(n_concepts: int) -> type:
+    """The smallest unsigned integer with a bit per concept (at most 64 concepts)."""
+    if n_concepts > 64:
+        raise ConceptError(f"at most 64 scored concepts, got {n_concepts}")
+    return np.uint16 if n_concepts <= 16 else np.uint32 if n_concepts <= 32 else np.uint64
+
+
+def token_mask(n: int, token_lists: list[np.ndarray]) -> np.ndarray:
+    """Per token of `n`, bit j set when it is in token_lists[j] (`mask_dtype` wide)."""
+    dt = mask_dtype(len(token_lists))
+    m = np.zeros(n, dtype=dt)
+    for j, toks in enumerate(token_lists):
+        m[toks] |= dt(1 << j)
+    return m
+
+
+def mask_bits(m: np.ndarray, n_concepts: int) -> np.ndarray:
+    """[len(m), n_concepts] float64 0/1 matrix of the bits of bit masks `m`."""
+    dt = m.dtype.type
+    return ((m[:, None] >> np.arange(n_concepts, dtype=m.dtype)) & dt(1)).astype(np.float64)
+
+
+def mask_bit(m: np.ndarray, c: int) -> np.ndarray:
+    """Bit `c` of bit masks `m`, as bool."""
+    dt = m.dtype.type
+    return ((m >> dt(c)) & dt(1)).astype(bool)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -538,8 +562,66 @@ def _complement(tokens: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+COUNT_CHUNK = 1 << 21
+"""Tokens per step of the per-token work on a dense column: bounds each scoring thread's
+temporaries (about 12 bytes a token of a step) whatever the column's length."""
+
+
+def _hist(codes: np.ndarray, nb: int, idx: Optional[np.ndarray] = None) -> np.ndarray:
+    """np.bincount of `codes` (or of codes[idx]) in COUNT_CHUNK steps, `nb` bins."""
+    m = len(codes) if idx is None else len(idx)
+    if m <= COUNT_CHUNK:
+        return np.bincount(codes if idx is None else codes[idx], minlength=nb)
+    h = np.zeros(nb, np.int64)
+    for a in range(0, m, COUNT_CHUNK):
+        h += np.bincount(codes[a:a + COUNT_CHUNK] if idx is None else codes[idx[a:a + COUNT_CHUNK]], minlength=nb)
+    return h
+
+
+def _runs(sel: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) of every run of True in a bool array."""
+    d = np.diff(sel.astype(np.int8))
+    starts = np.flatnonzero(d == 1) + 1
+    ends = np.flatnonzero(d == -1)
+    if len(sel) and sel[0]:
+        starts = np.concatenate([[0], starts])
+    if len(sel) and sel[-1]:
+        ends = np.concatenate([ends, [len(sel) - 1]])
+    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+
+
+def _in_runs(codes: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
+    """Positions of the codes that fall in one of the (first, last) runs."""
+    m = np.zeros(len(codes), bool)
+    for a, b in runs:
+        m |= (codes >= a) & (codes <= b)
+    return np.flatnonzero(m)
+
+
+@dataclass
+class _DenseBins:
+    """The histogram of one dense column. Each token's `code` is the raw high bits of its
+    float32 (one look-up table, `key_of`, turns a code into its order-preserving bin; None:
+    the codes are the bins), so that no per-token bin array is built: the histograms are
+    counted over codes and reordered afterwards."""
+
+    codes: np.ndarray
+    key_of: Optional[np.ndarray]
+    full: np.ndarray  # tokens per bin (every bin)
+    nz: np.ndarray  # the non-empty bins, ascending
+    total: np.ndarray  # full[nz]
+    code_nz: np.ndarray  # the codes present
+    compact: np.ndarray  # index into nz of each of code_nz
+    pos: dict  # labels -> [len(nz), C] concept tokens per bin
+    zero: int  # index into nz of the zero bin, -1 if empty
+
+
 class Scorer:
-    """Scores features (dense columns or sparse entries) against the labels of a run."""
+    """Scores features (dense columns or sparse entries) against the labels of a run.
+
+    Labels are held as one bit mask per token and labels kind (`mask_dtype`: 2 bytes a token
+    for up to 16 concepts) and, for the per-bin counts, each concept's sorted token list (or
+    its complement's, when that is shorter)."""
 
     def __init__(self, labels: Labels, cfg: ConceptsConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -556,24 +638,26 @@ class Scorer:
         shift = (rng.random(len(lens)) * lens).astype(np.int64)
         pos = np.arange(self.n) - labels.index.starts[self.doc]
         moved = labels.index.starts[self.doc] + (pos + shift[self.doc]) % lens[self.doc]
-        self.tokens = {"true": [c.tokens for c in self.concepts],
-                       "shuffled": [np.sort(moved[c.tokens]) for c in self.concepts]}
-        self.mask = {"true": labels.mask(self.concepts), "shuffled": np.zeros(self.n, np.uint64)}
-        for j, t in enumerate(self.tokens["shuffled"]):
-            self.mask["shuffled"][t] |= np.uint64(1 << j)
-        self.P = {k: np.array([len(t) for t in v], np.float64) for k, v in self.tokens.items()}
-        # A concept on more than half the tokens is counted through its complement (fewer
-        # look-ups): (tokens to count, counted are the negatives)
-        self.count_lists = {lab: [(_complement(t, self.n), True) if 2 * len(t) > self.n else (t, False)
-                                  for t in self.tokens[lab]] for lab in LABEL_KINDS}
-        del moved, pos
+        del pos
+        tokens = {"true": [c.tokens for c in self.concepts],
+                  "shuffled": [np.sort(moved[c.tokens]) for c in self.concepts]}
+        del moved
+        self.mask = {lab: token_mask(self.n, tokens[lab]) for lab in LABEL_KINDS}
+        self.P = {k: np.array([len(t) for t in v], np.float64) for k, v in tokens.items()}
         self.rankable = np.array([c.name not in cfg.best_excludes for c in self.concepts])
         # bootstrap: documents in random blocks, blocks drawn with replacement
         self.G = max(2, min(cfg.bootstrap_blocks, len(lens)))
         self.block = rng.permutation(len(lens)) % self.G
-        self.tok_block = self.block[self.doc].astype(np.int32)
+        self.block_tokens = np.bincount(self.block, weights=lens, minlength=self.G).astype(np.int64)
+        self.pos_block = {lab: np.array([np.bincount(self.block[self.doc[t]], minlength=self.G) for t in tokens[lab]],
+                                        np.int64).reshape(self.C, self.G) for lab in LABEL_KINDS}
         # per token: its block's first cell in a (block, coarse bin) histogram of BLOCK_STRIDE bins per block
-        self.tok_cell = (self.tok_block * BLOCK_STRIDE).astype(np.int32)
+        self.tok_cell = (self.block * BLOCK_STRIDE).astype(np.int32)[self.doc]
+        # A concept on more than half the tokens is counted through its complement (fewer
+        # look-ups): (tokens to count, counted are the negatives)
+        self.count_lists = {lab: [(_complement(t, self.n), True) if 2 * len(t) > self.n else (t, False)
+                                  for t in tokens[lab]] for lab in LABEL_KINDS}
+        del tokens
         self.R = cfg.bootstrap
         self.W = rng.multinomial(self.G, np.full(self.G, 1.0 / self.G), size=self.R).astype(np.float64) \
             if self.R else np.zeros((0, self.G))
@@ -584,26 +668,69 @@ class Scorer:
     # ---- counts
 
     def _bits_matrix(self, toks: np.ndarray, labels: str) -> np.ndarray:
-        m = self.mask[labels][toks]
-        return ((m[:, None] >> np.arange(self.C, dtype=np.uint64)) & np.uint64(1)).astype(np.float64)
+        return mask_bits(self.mask[labels][toks], self.C)
 
-    def _counts_dense(self, x: np.ndarray):
-        """Histograms of one dense column: every token's bin (`keys`), all tokens per bin, and
-        per labels kind the concepts' tokens per bin (a look-up and a bincount over each
-        concept's tokens, or its complement's when that is smaller), on the non-empty bins."""
-        keys = value_bins(x, self.bits)
-        nb = 1 << self.bits if self.bits <= 16 else int(keys.max()) + 1
-        total = np.bincount(keys, minlength=nb)
-        nz = np.flatnonzero(total)
+    def _codes(self, x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Each value's code and the code -> bin table (`_DenseBins`)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.bits > 16:
+            return value_bins(x, self.bits), None
+        if self.bits == 16 and sys.byteorder == "little":
+            # the high half of each value, no arithmetic; contiguous: the concepts' look-ups are faster
+            return np.ascontiguousarray(x.view(np.uint16)[1::2]), _key_lut(16)
+        return (x.view(np.uint32) >> np.uint32(32 - self.bits)).astype(np.uint16), _key_lut(self.bits)
+
+    def _counts_dense(self, x: np.ndarray) -> _DenseBins:
+        """Histograms of one dense column: all tokens per bin, and per labels kind the
+        concepts' tokens per bin (a bincount of the codes of each concept's tokens, or of its
+        complement's when that is smaller), on the non-empty bins."""
+        codes, key_of = self._codes(x)
+        nbc = len(key_of) if key_of is not None else int(codes.max()) + 1
+        hc = _hist(codes, nbc)
+        code_nz = np.flatnonzero(hc)
+        nz, compact = np.unique(key_of[code_nz] if key_of is not None else code_nz, return_inverse=True)
+        K = len(nz)
+        # codes of one bin (-0.0 beside +0.0) are summed: rows in bin order, then one reduceat
+        order = np.argsort(compact, kind="stable")
+        first = np.concatenate([[0], np.flatnonzero(np.diff(compact[order])) + 1])
+        total = np.add.reduceat(hc[code_nz][order], first)
+        H = np.empty((len(code_nz), len(LABEL_KINDS) * self.C))
+        for i, lab in enumerate(LABEL_KINDS):
+            for j, (toks, _) in enumerate(self.count_lists[lab]):
+                H[:, i * self.C + j] = _hist(codes, nbc, toks)[code_nz]
+        H = np.add.reduceat(H[order], first, axis=0) if len(code_nz) else H
         pos = {}
-        for lab in LABEL_KINDS:
-            p = np.zeros((len(nz), self.C))
-            for j, (toks, complement) in enumerate(self.count_lists[lab]):
-                h = np.bincount(keys[toks], minlength=nb)[nz]
-                p[:, j] = total[nz] - h if complement else h
+        for i, lab in enumerate(LABEL_KINDS):
+            p = H[:, i * self.C:(i + 1) * self.C]
+            for j, (_, complement) in enumerate(self.count_lists[lab]):
+                if complement:
+                    p[:, j] = total - p[:, j]
             pos[lab] = p
-        zero = int(np.searchsorted(nz, self.zero)) if self.zero < nb and total[self.zero] else -1
-        return total, pos, zero, nz, keys
+        nb = 1 << self.bits if self.bits <= 16 else nbc
+        full = np.zeros(nb, np.int64)
+        full[nz] = total
+        z = int(np.searchsorted(nz, self.zero))
+        zero = z if z < K and nz[z] == self.zero else -1
+        return _DenseBins(codes, key_of, full, nz, total, code_nz, compact, pos, zero)
+
+    def _block_hists_dense(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block, coarse bin) histograms ([G, BLOCK_STRIDE]) of all tokens and of concept c's,
+        given the coarse bin of every non-empty fine bin (`cmap`)."""
+        G, B = self.G, BLOCK_STRIDE
+        cm = np.zeros(len(d.key_of) if d.key_of is not None else int(d.code_nz[-1]) + 1, np.int32)
+        cm[d.code_nz] = cmap[d.compact]
+        toks, complement = self.count_lists[lab][c]
+        Tg = np.zeros(G * B, np.int64)
+        Ph = np.zeros(G * B, np.int64)
+        for a in range(0, self.n, COUNT_CHUNK):
+            b = min(self.n, a + COUNT_CHUNK)
+            cell = cm[d.codes[a:b]]
+            cell += self.tok_cell[a:b]
+            Tg += np.bincount(cell, minlength=G * B)
+            i, j = np.searchsorted(toks, [a, b])
+            Ph += np.bincount(cell[toks[i:j] if a == 0 else toks[i:j] - a], minlength=G * B)
+        Pg = Tg - Ph if complement else Ph
+        return Tg.reshape(G, B), Pg.reshape(G, B)
 
     def _counts_sparse(self, v: np.ndarray, t: np.ndarray):
         bins = np.concatenate([value_bins(v, self.bits), [self.zero]])
@@ -644,8 +771,8 @@ class Scorer:
         at tokens `t` (every other token 0)."""
         cfg = self.cfg
         if t is None:
-            full, pos, zero, nz, keys = self._counts_dense(x)
-            total = full[nz]
+            d = self._counts_dense(x)
+            full, total, pos, zero = d.full, d.total, d.pos, d.zero
         else:
             total, pos, zero, nz, inv = self._counts_sparse(x, t)
         signs = ("pos", "neg") if signed else ("pos",)
@@ -660,7 +787,7 @@ class Scorer:
         depth = 4 if self.R else 1
         for sign in signs:
             if t is None:
-                toks = self._top_dense(x, keys, full, sign, depth)
+                toks = self._top_dense(x, d.codes, full, sign, depth, d.key_of)
             else:
                 vals = x if sign == "pos" else -x
                 keep = np.flatnonzero(vals > 0)
@@ -683,10 +810,8 @@ class Scorer:
             fs.best[lab] = best[:2]
             if self.R and lab == "true":  # intervals for the real labels; shuffled: point values
                 if t is None:
-                    def coarse(cmap, nz=nz, keys=keys, nb=len(full)):
-                        m = np.zeros(nb, np.int32)
-                        m[nz] = cmap
-                        return m[keys]
+                    def coarse(cmap, d=d, lab=lab, c=best[0]):
+                        return self._block_hists_dense(d, cmap, lab, c)
                 else:
                     def coarse(cmap, inv=inv):
                         return cmap[inv].astype(np.int32)
@@ -694,23 +819,25 @@ class Scorer:
                                                 cands[best[1]], fs.auroc[(lab, best[1])][best[0]])
         return fs
 
-    def _top_dense(self, x: np.ndarray, keys: np.ndarray, hist: np.ndarray, sign: str, depth: int) -> np.ndarray:
+    def _top_dense(self, x: np.ndarray, keys: np.ndarray, hist: np.ndarray, sign: str, depth: int,
+                   key_of: Optional[np.ndarray] = None) -> np.ndarray:
         """`top_contexts` of a dense column (sign "neg": of -x) without sorting it: the
         candidates are the tokens of the highest (lowest) bins holding a few times the tokens
         wanted, a set closed upwards in value, so its top contexts are the column's; widened
-        until the per-document cap leaves enough of them."""
+        until the per-document cap leaves enough of them. `keys`: each token's bin, or its
+        code when `key_of` (code -> bin) is given (the bins wanted are then one or two runs
+        of codes)."""
         k, cap = self.cfg.k, self.cfg.max_per_doc
         want = min(k * depth, cap * self.n_docs)
         cum = np.cumsum(hist[::-1] if sign == "pos" else hist)
         need = max(want * 2, want + 16)
         while True:
             i = min(int(np.searchsorted(cum, need)), len(hist) - 1)
-            if sign == "pos":
-                cand = np.flatnonzero(keys >= len(hist) - 1 - i)
-                vals = x[cand]
+            if key_of is not None:
+                cand = _in_runs(keys, _runs(key_of >= len(hist) - 1 - i if sign == "pos" else key_of <= i))
             else:
-                cand = np.flatnonzero(keys <= i)
-                vals = -x[cand]
+                cand = np.flatnonzero(keys >= len(hist) - 1 - i if sign == "pos" else keys <= i)
+            vals = x[cand] if sign == "pos" else -x[cand]
             top = top_contexts(vals, self.doc[cand], k, cap, depth, n_docs=self.n_docs)
             if len(top) >= want or len(cand) >= self.n:
                 return cand[top[:want]]
@@ -721,30 +848,28 @@ class Scorer:
         per-block histograms merge the fine bins into at most 2 x COARSE_BINS + 1 bins of about
         equal mass of all tokens and of the concept's tokens (the bias this adds is removed by
         shifting each replicate by the fine-minus-coarse AUROC of the full data). `coarse(cmap)`:
-        the coarse bin of every token (dense) or entry (sparse), given that of every fine bin."""
+        given the coarse bin of every non-empty fine bin, the (block, coarse bin) histograms
+        of all tokens and of the concept's (dense, `_block_hists_dense`) or the coarse bin of
+        every entry (sparse)."""
         tot, posc = total_pos
         g = np.floor(COARSE_BINS * np.cumsum(tot) / max(tot.sum(), 1)) \
             + np.floor(COARSE_BINS * np.cumsum(posc) / max(posc.sum(), 1))
         _, cmap = np.unique(g, return_inverse=True)
         Kc = int(cmap.max()) + 1
-        cbin = coarse(cmap)
         zc = int(cmap[zero]) if zero >= 0 else -1
-        pt = self.tokens[lab][c]
         if t is None:
             # one bincount over (block, coarse bin) cells: BLOCK_STRIDE >= the 2 x COARSE_BINS + 1 bins
-            cbin += self.tok_cell
-            G, B = self.G, BLOCK_STRIDE
-            Tg = np.bincount(cbin, minlength=G * B).reshape(G, B)[:, :Kc].astype(np.float64)
-            Pg = np.bincount(cbin[pt], minlength=G * B).reshape(G, B)[:, :Kc].astype(np.float64)
+            Tg, Pg = coarse(cmap)
+            Tg, Pg = Tg[:, :Kc].astype(np.float64), Pg[:, :Kc].astype(np.float64)
         else:
-            blk = self.tok_block[t]
+            cbin = coarse(cmap)
+            blk = self.block[self.doc[t]]
             Tg = np.bincount(blk * Kc + cbin, minlength=self.G * Kc).reshape(self.G, Kc).astype(np.float64)
-            n_g = np.bincount(self.tok_block, minlength=self.G)
-            Tg[:, zc] += n_g - np.bincount(blk, minlength=self.G)
-            lab_bit = ((self.mask[lab][t] >> np.uint64(c)) & np.uint64(1)).astype(bool)
+            Tg[:, zc] += self.block_tokens - np.bincount(blk, minlength=self.G)
+            lab_bit = mask_bit(self.mask[lab][t], c)
             Pg = np.bincount(blk[lab_bit] * Kc + cbin[lab_bit], minlength=self.G * Kc).reshape(self.G, Kc) \
                 .astype(np.float64)
-            Pg[:, zc] += np.bincount(self.tok_block[pt], minlength=self.G) - np.bincount(blk[lab_bit], minlength=self.G)
+            Pg[:, zc] += self.pos_block[lab][c] - np.bincount(blk[lab_bit], minlength=self.G)
         full, _ = auroc_from_counts(Tg.sum(0), Pg.sum(0)[:, None], zc)
         Tr, Pr = self.W @ Tg, self.W @ Pg
         neg = Tr - Pr
@@ -757,8 +882,8 @@ class Scorer:
         auc = np.clip(auc, 0.0, 1.0)
         # precision: each document of a drawn block counts as many times as the block was drawn
         if len(cand):
-            w = self.W[:, self.tok_block[cand]]
-            hit = ((self.mask[lab][cand] >> np.uint64(c)) & np.uint64(1)).astype(np.float64)
+            w = self.W[:, self.block[self.doc[cand]]]
+            hit = mask_bit(self.mask[lab][cand], c).astype(np.float64)
             before = np.cumsum(w, 1) - w
             take = np.clip(self._kc(lab)[c] - before, 0, w)
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -814,8 +939,15 @@ class ConceptsResult:
     sources: list[str] = field(default_factory=list)
 
 
-def _wide_pass_columns(n_tokens: int, columns: list[str], memory_mb: int) -> list[list[str]]:
-    per = max(1, (memory_mb << 20) // max(1, 4 * n_tokens))
+PROJECT_CHUNK = 1 << 18
+"""Tokens per step of the random-direction projections."""
+
+
+def _wide_pass_columns(n_tokens: int, columns: list[str], memory_mb: int, reserved: int = 0) -> list[list[str]]:
+    """Columns of each pass: as many float32 columns as fit in `memory_mb` beside `reserved`
+    bytes held through every pass (the random-direction projections), at least half of it."""
+    budget = max((memory_mb << 20) - reserved, (memory_mb << 20) // 2)
+    per = max(1, budget // max(1, 4 * n_tokens))
     return [columns[i:i + per] for i in range(0, len(columns), per)]
 
 
@@ -852,23 +984,24 @@ def score_wide(run: RunDir, scorer: Scorer, src: Source, cfg: ConceptsConfig, ou
     ix = scorer.index
     files = [pq.ParquetFile(f, filesystem=run.fs) for f in src.files]
     where = []  # per file: a slice of the token order when its rows are consecutive tokens, else their indices
-    covered = []
+    seen = np.zeros(ix.n, bool)
+    rows = 0
     for f, pf in zip(src.files, files):
         t = pf.read(columns=["doc_id", "pos"])
         idx = ix.index(t.column("doc_id").to_numpy(), t.column("pos").to_numpy(), f)
-        covered.append(idx)
+        seen[idx] = True
+        rows += len(idx)
         run_of = len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx) and bool((np.diff(idx) == 1).all())
         where.append(slice(int(idx[0]), int(idx[-1]) + 1) if run_of else idx)
-    covered = np.concatenate(covered) if covered else np.zeros(0, np.int64)
-    if len(covered) != ix.n or len(np.unique(covered)) != ix.n:
+    if rows != ix.n or not seen.all():  # n rows covering n tokens: each exactly once
         raise ConceptError(f"{src.name}: {src.files[0].rsplit('/', 2)[0]} does not hold every token of "
-                           f"extract/tokens exactly once ({len(covered)} rows for {ix.n} tokens)")
-    del covered
+                           f"extract/tokens exactly once ({rows} rows for {ix.n} tokens)")
+    del seen
     proj = np.zeros((directions.shape[1], ix.n), np.float32) if directions is not None else None
     col_pos = {c: i for i, c in enumerate(src.columns)}
-    passes = _wide_pass_columns(ix.n, src.columns, cfg.memory_mb)
+    passes = _wide_pass_columns(ix.n, src.columns, cfg.memory_mb, proj.nbytes if proj is not None else 0)
     X = np.empty((max(map(len, passes), default=0), ix.n), np.float32)  # one column per row
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     spent = {"read": 0.0, "project": 0.0, "score": 0.0}
     for p, cols in enumerate(passes):
         t1 = time.perf_counter()
@@ -884,15 +1017,17 @@ def score_wide(run: RunDir, scorer: Scorer, src: Source, cfg: ConceptsConfig, ou
                     X[j, w] = t.column(c).to_numpy()
             del t
         t2 = time.perf_counter()
-        if proj is not None:
-            proj += directions[[col_pos[c] for c in cols]].astype(np.float32).T @ X[:len(cols)]
+        if proj is not None:  # in token slices: no [directions, tokens] temporary
+            A = directions[[col_pos[c] for c in cols]].astype(np.float32).T
+            for a in range(0, ix.n, PROJECT_CHUNK):
+                proj[:, a:a + PROJECT_CHUNK] += A @ X[:len(cols), a:a + PROJECT_CHUNK]
         t3 = time.perf_counter()
         out.extend(score_columns(scorer, src.name, cols, X, src.signed))
         for k, dt in zip(spent, (t2 - t1, t3 - t2, time.perf_counter() - t3)):
             spent[k] += dt
         if len(passes) > 1 and (p + 1) % max(1, len(passes) // 10) == 0 or p + 1 == len(passes):
-            log(f"[concepts] {src.name}: {p + 1}/{len(passes)} passes, {time.perf_counter() - t0:.1f}s ("
-                + ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()) + ")")
+            log(f"[concepts] {src.name}: {p + 1}/{len(passes)} passes, {time.perf_counter() - t0:.1f}s, "
+                f"{time.process_time() - c0:.1f} CPU-s (" + ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()) + ")")
     return proj
 
 

@@ -17,7 +17,7 @@ import re
 from typing import Iterable
 
 HESITATION_WORDS: tuple[str, ...] = ("Wait", "Hmm")
-"""The hesitation lexicon (steer.hesitation_tokens, transcoder.hesitation.words and the
+"""The hesitation lexicon (steer.hesitation_tokens, transcoder_extract.hesitation.words and the
 `hesitation_word` concept default to it)."""
 
 _BEFORE = r"(?<![A-Za-z0-9_])"

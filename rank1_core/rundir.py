@@ -252,6 +252,12 @@ class StageDir:
         """A Parquet file of this stage, written atomically (`write_parquet_atomic`)."""
         write_parquet_atomic(self.fs, self.path(rel), table, **write_options)
 
+    def write_dataframe(self, rel: str, df) -> None:
+        """A pandas DataFrame as a zstd Parquet file of this stage (no index), atomically."""
+        import pyarrow as pa
+
+        self.write_parquet(rel, pa.Table.from_pandas(df, preserve_index=False), compression="zstd")
+
     def read_text(self, rel: str) -> str:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read().decode()

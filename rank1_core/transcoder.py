@@ -1113,3 +1113,19 @@ class TranscoderGenerationWorker:
         if gen is not None:
             gen.close()
         shutil.rmtree(getattr(self, "_tmp", ""), ignore_errors=True)
+
+
+def target_model(cfg) -> str:
+    """The model directory or URI of `transcoder.target`: the train_full stage's model, or a
+    model of the same architecture by name or path."""
+    from rank1_core.config import ConfigError, ModelConfig
+    from rank1_core.models import ModelNotAvailable, resolve_model_dir
+    from rank1_core.rundir import RunDir
+
+    t = cfg.transcoder.target
+    if t == "train_full":
+        return RunDir(cfg.run.dir).stage("train_full").uri_of("model")
+    try:
+        return str(resolve_model_dir(ModelConfig(name=t, tiny=cfg.model.tiny)))
+    except ModelNotAvailable as e:
+        raise ConfigError(f"transcoder.target {t!r}: {e}") from None

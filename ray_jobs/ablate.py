@@ -31,29 +31,10 @@ Leaves in `ablate/`:
 from __future__ import annotations
 
 from rank1_core.config import Config
-from ray_jobs.common import ensure_ray, execute, stage_cli
+from ray_jobs.common import ensure_ray, execute, generate_and_grade, stage_cli
 from ray_jobs.progress import Progress
 
 STAGE = "ablate"
-
-
-def heldout_docs(cfg: Config) -> list[dict]:
-    """Held-out traces (doc_id, input_ids, loss_mask) from prepare/tokens, first ablate.heldout_docs."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from rank1_core.rundir import RunDir
-
-    prep = RunDir(cfg.run.dir).stage("prepare")
-    ds = pads.dataset(prep.path("tokens"), filesystem=prep.fs, format="parquet")
-    t = ds.to_table(columns=["doc_id", "split", "input_ids", "loss_mask"], filter=pc.field("split") == "heldout")
-    t = t.sort_by("doc_id")
-    if cfg.ablate.heldout_docs:
-        t = t.slice(0, cfg.ablate.heldout_docs)
-    if t.num_rows == 0:
-        raise ValueError(f"{prep.uri_of('tokens')} has no held-out traces (split 'heldout'); "
-                         "set data.heldout_traces > 0 and rerun prepare")
-    return t.select(["doc_id", "input_ids", "loss_mask"]).to_pylist()
 
 
 def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: list[dict]):
@@ -80,53 +61,18 @@ def compute_kl(cfg: Config, model_dir: str, adapter_uri: str, ablations, docs: l
     return rows
 
 
-def kl_tables(agg, kind: str = "component"):
-    """(components, layers, groups) KL tables from `rank1_core.ablation.aggregate`; with
-    kind="module", the first is the per-module table of a rank-r adapter."""
-    from rank1_core.lora import module_kind
-
-    comps = agg[agg["kind"] == kind].copy()
-    comps.insert(0, "column", comps["ablation"])
-    comps["layer"] = comps["layer"].astype("int32")
-    comps["kind"] = [module_kind(m) for m in comps["module"]]
-    comps = comps[["column", "layer", "module", "kind", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
-    layers = agg[agg["kind"] == "layer"].copy()
-    layers["layer"] = layers["layer"].astype("int32")
-    layers = layers[["layer", "n_components", "kl_mean", "kl_sem", "kl_max", "n_tokens", "n_docs"]]
-    groups = agg[agg["kind"] == "group"][["ablation", "n_components", "kl_mean", "kl_sem"]].rename(
-        columns={"ablation": "group"})
-    return comps.reset_index(drop=True), layers.reset_index(drop=True), groups.reset_index(drop=True)
-
-
-def kl_summary(comps, layers, top: int) -> str:
-    """Which layers and modules matter most, as printed text."""
-    lines = []
-    if len(comps):
-        lines.append(f"Top {min(top, len(comps))} components by KL(ablated || full adapter):")
-        for r in comps.sort_values("kl_mean", ascending=False).head(top).itertuples():
-            lines.append(f"  {r.column:<16} {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
-        by_mod = comps.groupby("module")["kl_mean"].mean().sort_values(ascending=False)
-        lines.append("Mean KL by module: " + ", ".join(f"{m} {v:.3e}" for m, v in by_mod.items()))
-        by_kind = comps.groupby("kind")["kl_mean"].mean()
-        lines.append("Mean KL by kind: " + ", ".join(f"{k} {v:.3e}" for k, v in by_kind.items()))
-    if len(layers):
-        lines.append(f"Top {min(top, len(layers))} layers:")
-        for r in layers.sort_values("kl_mean", ascending=False).head(top).itertuples():
-            lines.append(f"  layer {r.layer:>3}  {r.kl_mean:.3e} ± {r.kl_sem:.1e}")
-    return "\n".join(lines)
-
-
 def run(cfg: Config, force: bool = False) -> dict:
     import tempfile
 
     import pandas as pd
 
-    from rank1_core.ablation import aggregate, plan_ablations, write_ablated_adapter
+    from rank1_core.ablation import (aggregate, group_table, heldout_docs, kl_summary, kl_tables, plan_ablations,
+                                     write_ablated_adapter)
+    from rank1_core.benchmarks import Variant, load_benchmarks, summarize
     from rank1_core.grading import table2, table2_markdown
     from rank1_core.lora import saved_components
     from rank1_core.models import resolve_model_dir
     from rank1_core.rundir import RunDir
-    from ray_jobs import evaluate as E
 
     ac = cfg.ablate
     bench_groups = ac.benchmark_groups and bool(ac.groups)
@@ -135,7 +81,6 @@ def run(cfg: Config, force: bool = False) -> dict:
 
         raise ConfigError("ablate.benchmark_groups needs evaluate.variants to include base and lora "
                           f"(Table 2 relates each group to both); got {cfg.evaluate.variants}")
-    ups = ("prepare", "train") + (("evaluate",) if bench_groups else ())
 
     def body(sr):
         run = RunDir(cfg.run.dir)
@@ -156,12 +101,12 @@ def run(cfg: Config, force: bool = False) -> dict:
         kl_rows = pd.DataFrame(rows)
         agg = aggregate(rows, ablations)
         comps_t, layers_t, groups_kl = kl_tables(agg)
-        E.write_parquet(st, "kl_rows.parquet", kl_rows)
-        E.write_parquet(st, "kl_components.parquet", comps_t)
-        E.write_parquet(st, "kl_layers.parquet", layers_t)
+        st.write_dataframe("kl_rows.parquet", kl_rows)
+        st.write_dataframe("kl_components.parquet", comps_t)
+        st.write_dataframe("kl_layers.parquet", layers_t)
         if (agg["kind"] == "module").any():  # rank r > 1: each module's r directions ablated together
             modules_t = kl_tables(agg, "module")[0]
-            E.write_parquet(st, "kl_modules.parquet", modules_t)
+            st.write_dataframe("kl_modules.parquet", modules_t)
             sr.rows["kl_modules"] = len(modules_t)
         text = kl_summary(comps_t, layers_t, ac.top)
         print(text, flush=True)
@@ -171,35 +116,25 @@ def run(cfg: Config, force: bool = False) -> dict:
 
         groups_out = groups_kl.copy()
         if bench_groups:
-            benches = E.load_benchmarks(cfg)
-            variants = [E.Variant(f"{g.name}_ablated", model_dir, st.uri_of("adapters", g.name)) for g in ac.groups]
-            samples = E.generate_and_grade(cfg, variants, benches, sr, tag="benchmark")
-            E.write_parquet(st, "samples.parquet", samples)
+            benches = load_benchmarks(cfg)
+            variants = [Variant(f"{g.name}_ablated", model_dir, st.uri_of("adapters", g.name)) for g in ac.groups]
+            samples = generate_and_grade(cfg, variants, benches, sr, tag="benchmark")
+            st.write_dataframe("samples.parquet", samples)
             base_lora = pd.read_parquet(run.stage("evaluate").path("summary.parquet"), filesystem=run.fs)
             base_lora = base_lora[base_lora["variant"].isin(["base", "lora"])]
-            summary = pd.concat([base_lora, E.summarize(samples)], ignore_index=True)
+            summary = pd.concat([base_lora, summarize(samples)], ignore_index=True)
             names = [g.name for g in ac.groups]
             t2 = table2(summary, names, list(benches))
             st.write_text("table2.csv", t2.to_csv(index=False))
             md = table2_markdown(t2, names)
             st.write_text("table2.md", md)
             print(md, flush=True)
-            rows_g = []
-            for g in ac.groups:
-                kl = groups_kl[groups_kl["group"] == g.name].iloc[0]
-                for r in t2.itertuples():
-                    s = summary[(summary["variant"] == f"{g.name}_ablated") & (summary["benchmark"] == r.benchmark)].iloc[0]
-                    rows_g.append({"group": g.name, "benchmark": r.benchmark, "n_components": int(kl.n_components),
-                                   "kl_mean": float(kl.kl_mean), "kl_sem": float(kl.kl_sem),
-                                   "n_problems": int(s.n_problems), "n_samples": int(s.n_samples),
-                                   "pass1": float(s.pass1), "stderr": float(s.stderr), "base": float(r.base),
-                                   "lora": float(r.lora), "relative": float(getattr(r, f"{g.name}_relative"))})
-            groups_out = pd.DataFrame(rows_g)
+            groups_out = group_table(groups_kl, t2, summary, names)
             sr.rows["samples"] = len(samples)
-        E.write_parquet(st, "groups.parquet", groups_out)
+        st.write_dataframe("groups.parquet", groups_out)
         sr.rows["groups"] = len(groups_out)
 
-    return execute(cfg, STAGE, body, upstream=ups, force=force)
+    return execute(cfg, STAGE, body, force=force)
 
 
 if __name__ == "__main__":

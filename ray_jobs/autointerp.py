@@ -18,8 +18,6 @@ pays for nothing twice.
 
 from __future__ import annotations
 
-import dataclasses
-
 from rank1_core.config import Config
 from ray_jobs.common import execute, stage_cli
 from ray_jobs.progress import Progress
@@ -173,17 +171,9 @@ def _counter(progress):
     return on_call
 
 
-def resolved(cfg: Config) -> Config:
-    """The config with use_local_server decided from the environment (part of the stage hash,
-    so setting an API key later reruns the stage with the hosted models)."""
-    from rank1_core.autointerp.pipeline import resolve_use_local
-
-    use_local = resolve_use_local(cfg.autointerp)
-    return dataclasses.replace(cfg, autointerp=dataclasses.replace(cfg.autointerp, use_local_server=use_local))
-
-
 def run(cfg: Config, force: bool = False) -> dict:
-    from rank1_core.autointerp.pipeline import answerers, default_cache_dir, previous_spend, run_autointerp
+    from rank1_core.autointerp.pipeline import (answerers, default_cache_dir, previous_spend, resolved,
+                                                run_autointerp)
 
     cfg = resolved(cfg)
     a = cfg.autointerp
@@ -214,7 +204,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         sr.rows.update(res.rows)
         sr.extra.update(res.extra)
 
-    return execute(cfg, STAGE, body, upstream=("topk",), force=force, resumable=True)
+    return execute(cfg, STAGE, body, force=force, resumable=True)
 
 
 if __name__ == "__main__":

@@ -144,27 +144,21 @@ def torch_trainer(worker: Callable, loop_config: dict, stage: StageDir, scaling:
     )
 
 
-def stage_dir(cfg: Config, name: str) -> StageDir:
-    return RunDir(cfg.run.dir).stage(name)
-
-
-def execute(cfg: Config, name: str, body: Callable, upstream: tuple[str, ...] = (), *,
-            force: bool = False, resumable: bool = False) -> dict:
+def execute(cfg: Config, name: str, body: Callable, *, force: bool = False, resumable: bool = False) -> dict:
     """Run a stage body with skip-if-done, manifest and success marker.
 
-    `upstream` names stages whose outputs this stage reads: they must be done, and their
-    config hashes are folded into this stage's hash.
+    The stages it reads (`rank1_core.stages`: its inputs under this config) must be done, and
+    their config hashes are folded into this stage's hash.
     """
+    from rank1_core.device import stage_choices
+    from rank1_core.stages import stage, upstream
+
     run = RunDir(cfg.run.dir)
-    ups = [run.stage(u) for u in upstream]
+    ups = [run.stage(u) for u in upstream(cfg, name, run)]
     for u in ups:
         u.require_done()
     h = chained_hash(section_hash(cfg, name), ups)
-
-    from rank1_core.config import STAGE_SECTIONS
-    from rank1_core.device import stage_choices
-
-    precision = stage_choices(cfg.precision, STAGE_SECTIONS[name])
+    precision = stage_choices(cfg.precision, stage(name).sections)
 
     def wrapped(sr):
         for u in ups:
@@ -223,3 +217,60 @@ def stage_cli(name: str, run_fn: Callable[[Config, bool], dict], argv: list[str]
         return 0
 
     return guarded(go)
+
+
+def generate_and_grade(cfg: Config, variants: list, benchmarks: dict, sr=None, tag: str = "generate"):
+    """Samples DataFrame (rank1_core.grading.SAMPLE_COLUMNS plus prompt) of every variant
+    (`rank1_core.benchmarks.Variant`) on every benchmark, generated on `evaluate.actors` Ray Data
+    actors (`rank1_core.generation.GenerationWorker`, one engine per `engine_groups` group) and
+    graded here (math-verify needs the main thread). The evaluate and ablate stages use it."""
+    import contextlib
+    import math
+
+    import pandas as pd
+
+    from rank1_core.benchmarks import build_items, engine_groups, order_samples
+    from rank1_core.generation import (GENERATED_COLUMNS, EngineSpec, GenerationWorker, resolve_backend,
+                                       resolve_lora_mode)
+    from rank1_core.grading import grade_samples
+    from ray_jobs.progress import Progress
+
+    ec = cfg.evaluate
+    backend = resolve_backend(ec.backend)
+    mode = resolve_lora_mode(backend, ec.lora_mode)
+    items = build_items(cfg, benchmarks, variants)
+    ray = ensure_ray(cfg)
+    rows = []
+    for model_dir, adapters in engine_groups(variants, mode):
+        part = [it for it in items if it["variant"] in adapters]
+        spec = EngineSpec(
+            model_dir=model_dir, adapters=adapters, backend=backend, lora_mode=mode,
+            settings=dict(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,
+                          n=ec.samples, seed=cfg.run.seed),
+            dtype=ec.dtype or cfg.model.dtype, vllm=vars(ec.vllm).copy(), batch_size=ec.batch_size,
+            threads=ec.threads,
+        )
+        blocks = max(1, min(len(part), max(ec.actors * 2, math.ceil(len(part) / ec.batch_size))))
+        ds = ray.data.from_items(part, override_num_blocks=blocks)
+        ds = ds.map_batches(GenerationWorker, fn_constructor_kwargs={"spec": spec.to_dict()},
+                            batch_size=ec.batch_size, batch_format="pandas",
+                            compute=ray.data.ActorPoolStrategy(size=ec.actors),
+                            num_cpus=ec.actor_cpus, num_gpus=ec.actor_gpus or None)
+        label = f"{tag}:{'+'.join(adapters)}"
+        with sr.timed(label) if sr is not None else contextlib.nullcontext():
+            with Progress("evaluate", total=len(part) * ec.samples, main="samples", unit="sample",
+                          desc=f"[evaluate] {label}") as p:
+                for r in ds.iter_rows():
+                    rows.append(r)
+                    p.update(1, tokens=int(r["n_tokens"]))
+    generated = pd.DataFrame(rows, columns=GENERATED_COLUMNS)
+    prompts = {v.name: v.prompt for v in variants}
+    # a think-format response without the answer marker is graded per missing_marker; a
+    # plain-prompted one on its whole response
+    generated["prompt"] = generated["variant"].map(prompts)
+    with sr.timed(f"grade:{tag}") if sr is not None else contextlib.nullcontext():
+        samples = grade_samples(generated, cfg.model.answer_marker, ec.tail_chars, ec.missing_marker)
+    samples["prompt"] = samples["variant"].map(prompts)
+    samples = order_samples(samples, items, [v.name for v in variants], ec.samples)
+    samples["lora_mode"] = samples["lora_mode"].astype(object).where(samples["lora_mode"].notna(), None)
+    return samples

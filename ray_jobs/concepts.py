@@ -25,27 +25,16 @@ from ray_jobs.common import execute, stage_cli
 STAGE = "concepts"
 
 
-def upstream_stages(cfg: Config) -> tuple[str, ...]:
-    from rank1_core.rundir import RunDir
-
-    run = RunDir(cfg.run.dir)
-    src = cfg.concepts.sources
-    use_sae = ("sae" in src) if src is not None else run.stage("sae").is_done()
-    use_tc = ("transcoder" in src) if src is not None else run.stage("transcoder_extract").is_done()
-    use_ai = run.stage("autointerp").is_done()
-    return (("prepare", "extract") + (("sae",) if use_sae else ()) + (("transcoder_extract",) if use_tc else ())
-            + (("autointerp",) if use_ai else ()))
-
-
 def run(cfg: Config, force: bool = False) -> dict:
     import pyarrow.parquet as pq
 
     from rank1_core import concepts as K
     from rank1_core.rundir import RunDir, chained_hash
+    from rank1_core.stages import upstream as stage_inputs
 
     cc = cfg.concepts
     run_dir = RunDir(cfg.run.dir)
-    upstream = upstream_stages(cfg)
+    upstream = stage_inputs(cfg, STAGE, run_dir)
     log = lambda m: print(m, flush=True)  # noqa: E731
     ups = [run_dir.stage(u) for u in upstream]
     labels = None
@@ -96,7 +85,7 @@ def run(cfg: Config, force: bool = False) -> dict:
             "summary": summary.to_pylist(),
         })
 
-    return execute(cfg, STAGE, body, upstream=upstream, force=force)
+    return execute(cfg, STAGE, body, force=force)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
             "splits": list(ec.splits),
         })
 
-    return execute(cfg, STAGE, body, upstream=("prepare", "train"), force=force, resumable=True)
+    return execute(cfg, STAGE, body, force=force, resumable=True)
 
 
 if __name__ == "__main__":

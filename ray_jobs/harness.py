@@ -13,6 +13,8 @@ last checkpoint is finished trains nothing and only runs the finish again.
 
 Test hook: with $RANK1_TRAIN_FAIL_AT_STEP="N:/path/marker", the rank-0 worker kills its own
 process right after step N once (it creates the marker file), a real worker failure.
+
+`training_body(cfg, mode)` is the body of the train (lora) and train_full (full) stages.
 """
 
 from __future__ import annotations
@@ -144,3 +146,58 @@ def fit(sr, cfg: Config, scaling: Scaling, job: str, args: dict, **trainer_kwarg
     if not state.finished:
         raise TrainError(f"[{stage.name}] training did not finish (at step {state.step})")
     return state
+
+
+def training_body(cfg: Config, mode: str):
+    """The body of the `train` (mode lora) or `train_full` (mode full) stage, for
+    `ray_jobs.common.execute`; everything that can be wrong with the config fails here, before
+    Ray or any stage I/O."""
+    from rank1_core.config import ConfigError
+    from rank1_core.lora import check_adapter, validate_for_model
+    from rank1_core.models import resolve_model_dir
+    from rank1_core.train import TrainError, deepspeed_config, for_mode, settings
+
+    name = "train" if mode == "lora" else "train_full"
+    tc = for_mode(cfg.train, mode)
+    st = settings(tc, mode)
+    num_layers = validate_for_model(tc, cfg.model, mode)
+    if st.strategy != "ddp":
+        try:
+            deepspeed_config(tc, st.strategy, tc.num_workers)
+        except TrainError as e:
+            raise ConfigError(str(e)) from None
+    model_dir = resolve_model_dir(cfg.model)
+
+    def body(sr):
+        from rank1_core.rundir import RunDir
+
+        stage = sr.stage
+        tokens = RunDir(cfg.run.dir).stage("prepare").uri_of("tokens")
+        args = {"config": cfg.to_dict(), "mode": mode, "model_dir": str(model_dir), "num_layers": num_layers,
+                "tokens": tokens}
+        state = fit(sr, cfg, tc, "rank1_core.train:job", args)
+        out = "adapter" if mode == "lora" else "model"
+        if mode == "lora":
+            with stage.local_copy(out) as export:
+                chk = check_adapter(export, tc.lora, num_layers)  # loud failure: empty / zero lora_B
+            sr.rows["components"] = len(chk.components)
+            sr.extra["min_lora_b_norm"] = chk.min_b_norm
+        elif not stage.exists(out, "config.json"):
+            raise TrainError(f"[{name}] the exported model in {stage.uri_of(out)} has no config.json")
+        steps = [r for r in state.history if r["step"] > 0]
+        held = [r["heldout_loss"] for r in state.history if r["heldout_loss"] == r["heldout_loss"]]
+        sr.rows["steps"] = state.step
+        sr.rows["tokens"] = state.tokens
+        sr.extra.update({
+            "mode": mode, "strategy": st.strategy, "precision": tc.precision, "workers": tc.num_workers,
+            "resumed_from": state.resumed_from,
+            "final_loss": steps[-1]["loss"] if steps else None,
+            "initial_heldout_loss": held[0] if held else None, "final_heldout_loss": held[-1] if held else None,
+            "mean_tokens_per_s": (sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)
+                                  if steps else None),
+        })
+        print(f"[{name}] {state.step} steps, {state.tokens} tokens; held-out loss "
+              f"{sr.extra['initial_heldout_loss']:.4f} -> {sr.extra['final_heldout_loss']:.4f}; "
+              f"{out} in {stage.uri_of(out)}", flush=True)
+
+    return body

@@ -30,11 +30,9 @@ STAGE = "report"
 
 def run(cfg: Config, force: bool = False) -> dict:
     from rank1_core.report import build_report, count_features
-    from rank1_core.report.loaders import UPSTREAM
     from ray_jobs.progress import Progress
 
     run_dir = RunDir(cfg.run.dir)
-    upstream = tuple(s for s in UPSTREAM if run_dir.stage(s).is_done())
     result_box = {}
 
     def body(sr):
@@ -57,7 +55,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                          "missing": [f"{m.what}: {m.why}" for m in res.missing]})
         result_box["res"] = res
 
-    manifest = execute(cfg, STAGE, body, upstream=upstream, force=force)
+    manifest = execute(cfg, STAGE, body, force=force)
     _summary(run_dir, manifest)
     return manifest
 
@@ -78,11 +76,11 @@ def _summary(run_dir: RunDir, manifest: dict) -> None:
 def config_of_run(run: str, overrides: list[str]) -> Config:
     """The config stored in a run (report's own, else the latest finished stage's), with
     `overrides`; the defaults when the run holds none that still loads."""
-    from rank1_core.report.loaders import UPSTREAM
+    from rank1_core.stages import REPORT_INPUTS
 
     rd = RunDir(run)
     overrides = [*overrides, f"run.dir={run}"]
-    for name in (STAGE, *reversed(UPSTREAM)):
+    for name in (STAGE, *reversed(REPORT_INPUTS)):
         st = rd.stage(name)
         if st.exists("config.yaml"):
             try:

@@ -87,7 +87,7 @@ def run(cfg: Config, force: bool = False) -> dict:
               f"L0 {summary['l0']:.2f}, live {summary['live_features']}/{summary['latents']} "
               f"(dead fraction {summary['dead_fraction']:.3f})", flush=True)
 
-    return execute(cfg, STAGE, body, upstream=("extract",), force=force, resumable=True)
+    return execute(cfg, STAGE, body, force=force, resumable=True)
 
 
 if __name__ == "__main__":

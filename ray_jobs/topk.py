@@ -20,17 +20,16 @@ STAGE = "topk"
 
 def run(cfg: Config, force: bool = False) -> dict:
     from rank1_core.rundir import RunDir
+    from rank1_core.stages import upstream
     from rank1_core.topk import run_topk
 
     run_dir = RunDir(cfg.run.dir)
-    sources = cfg.topk.sources
-    # SAE features are a source when asked for (then the sae stage must be done), or by
-    # default when the sae stage has finished; its hash then enters this stage's hash.
-    use_sae = ("sae" in sources) if sources is not None else run_dir.stage("sae").is_done()
-    # transcoder adapter features likewise, once transcoder_extract is done (its features and
-    # extract's tokens must cover the same splits: transcoder.extract.splits = extract.splits).
-    use_tc = ("transcoder" in sources) if sources is not None else run_dir.stage("transcoder_extract").is_done()
-    upstream = ("extract",) + (("sae",) if use_sae else ()) + (("transcoder_extract",) if use_tc else ())
+    # SAE and transcoder features are a source when asked for (then their stage must be done),
+    # or by default when their stage has finished (rank1_core.stages; their hashes then enter
+    # this stage's). transcoder_extract.splits must equal extract.splits (topk reads extract's
+    # tokens).
+    ups = upstream(cfg, STAGE, run_dir)
+    use_sae, use_tc = "sae" in ups, "transcoder_extract" in ups
 
     def body(sr):
         res = run_topk(run_dir, sr.stage, cfg.topk, sae_done=use_sae, transcoder_done=use_tc,
@@ -39,7 +38,7 @@ def run(cfg: Config, force: bool = False) -> dict:
         sr.timings.update(res.timings)
         sr.extra["sources"] = res.sources
 
-    return execute(cfg, STAGE, body, upstream=upstream, force=force)
+    return execute(cfg, STAGE, body, force=force)
 
 
 if __name__ == "__main__":

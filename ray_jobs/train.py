@@ -26,68 +26,9 @@ from __future__ import annotations
 
 from rank1_core.config import Config
 from ray_jobs.common import execute, stage_cli
-from ray_jobs.harness import FAIL_ENV  # noqa: F401 (the test hook, for tests)
+from ray_jobs.harness import FAIL_ENV, training_body  # noqa: F401 (FAIL_ENV: the test hook, for tests)
 
 STAGE = "train"
-
-
-def stage_name(mode: str) -> str:
-    return STAGE if mode == "lora" else "train_full"
-
-
-def run_training(cfg: Config, mode: str, force: bool = False) -> dict:
-    """Run the `train` (mode lora) or `train_full` (mode full) stage."""
-    from rank1_core.lora import check_adapter, validate_for_model
-    from rank1_core.models import resolve_model_dir
-    from rank1_core.config import ConfigError
-    from rank1_core.train import TrainError, deepspeed_config, for_mode, settings
-
-    name = stage_name(mode)
-    tc = for_mode(cfg.train, mode)
-    st = settings(tc, mode)
-    # Everything that can be wrong with the config fails here, before Ray or any stage I/O.
-    num_layers = validate_for_model(tc, cfg.model, mode)
-    if st.strategy != "ddp":
-        try:
-            deepspeed_config(tc, st.strategy, tc.num_workers)
-        except TrainError as e:
-            raise ConfigError(str(e)) from None
-    model_dir = resolve_model_dir(cfg.model)
-
-    def body(sr):
-        from rank1_core.rundir import RunDir
-        from ray_jobs.harness import fit
-
-        stage = sr.stage
-        tokens = RunDir(cfg.run.dir).stage("prepare").uri_of("tokens")
-        args = {"config": cfg.to_dict(), "mode": mode, "model_dir": str(model_dir), "num_layers": num_layers,
-                "tokens": tokens}
-        state = fit(sr, cfg, tc, "rank1_core.train:job", args)
-        out = "adapter" if mode == "lora" else "model"
-        if mode == "lora":
-            with stage.local_copy(out) as export:
-                chk = check_adapter(export, tc.lora, num_layers)  # loud failure: empty / zero lora_B
-            sr.rows["components"] = len(chk.components)
-            sr.extra["min_lora_b_norm"] = chk.min_b_norm
-        elif not stage.exists(out, "config.json"):
-            raise TrainError(f"[{name}] the exported model in {stage.uri_of(out)} has no config.json")
-        steps = [r for r in state.history if r["step"] > 0]
-        held = [r["heldout_loss"] for r in state.history if r["heldout_loss"] == r["heldout_loss"]]
-        sr.rows["steps"] = state.step
-        sr.rows["tokens"] = state.tokens
-        sr.extra.update({
-            "mode": mode, "strategy": st.strategy, "precision": tc.precision, "workers": tc.num_workers,
-            "resumed_from": state.resumed_from,
-            "final_loss": steps[-1]["loss"] if steps else None,
-            "initial_heldout_loss": held[0] if held else None, "final_heldout_loss": held[-1] if held else None,
-            "mean_tokens_per_s": (sum(r["tokens"] for r in steps) / sum(r["tokens"] / r["tokens_per_s"] for r in steps)
-                                  if steps else None),
-        })
-        print(f"[{name}] {state.step} steps, {state.tokens} tokens; held-out loss "
-              f"{sr.extra['initial_heldout_loss']:.4f} -> {sr.extra['final_heldout_loss']:.4f}; "
-              f"{out} in {stage.uri_of(out)}", flush=True)
-
-    return execute(cfg, name, body, upstream=("prepare",), force=force, resumable=True)
 
 
 def use_existing_adapter(cfg: Config, force: bool = False) -> dict:
@@ -114,13 +55,13 @@ def use_existing_adapter(cfg: Config, force: bool = False) -> dict:
         print(f"[{STAGE}] using the adapter at {spec.path} (rank {spec.rank}, {len(spec.components)} components, "
               f"sha256 {spec.sha256[:12]}) as {stage.uri_of('adapter')}", flush=True)
 
-    return execute(cfg, STAGE, body, upstream=(), force=force)
+    return execute(cfg, STAGE, body, force=force)
 
 
 def run(cfg: Config, force: bool = False) -> dict:
     if cfg.train.adapter_path:
         return use_existing_adapter(cfg, force)
-    return run_training(cfg, "lora", force)
+    return execute(cfg, STAGE, training_body(cfg, "lora"), force=force, resumable=True)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ transformers, `rank1_core.models.load_model` and vLLM), `metrics.parquet` and
 from __future__ import annotations
 
 from rank1_core.config import Config
-from ray_jobs.common import stage_cli
-from ray_jobs.train import run_training
+from ray_jobs.common import execute, stage_cli
+from ray_jobs.harness import training_body
 
 STAGE = "train_full"
 
 
 def run(cfg: Config, force: bool = False) -> dict:
-    return run_training(cfg, "full", force)
+    return execute(cfg, STAGE, training_body(cfg, "full"), force=force, resumable=True)
 
 
 if __name__ == "__main__":

@@ -22,48 +22,20 @@ Leaves in the stage folder:
 - `checkpoints/ray_train/`: Ray Train checkpoints; a crashed stage rerun with the same config
   resumes from the last one.
 
-The stage hash covers `model` and `transcoder` without its `extract`, `hesitation` and
-`eval` subsections (so tuning those never retrains), chained with prepare's (and
-train_full's when it is the target); this stage's config.yaml shows those subsections at
-their defaults.
+The stage hash covers `model` and `transcoder` (transcoder_extract and transcoder_eval have
+sections of their own, so tuning those never retrains), chained with prepare's (and
+train_full's when it is the target): `rank1_core.stages`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
-from rank1_core.config import Config, ConfigError, TranscoderConfig
+from rank1_core.config import Config, ConfigError
 from ray_jobs.common import execute, stage_cli
 
 STAGE = "transcoder"
-
-
-def hash_view(cfg: Config, keep: tuple[str, ...] = ()) -> Config:
-    """`cfg` with the transcoder subsections not in `keep` at their defaults: what a stage's
-    hash (and its config.yaml) covers."""
-    from rank1_core.config import TRANSCODER_SUBSECTIONS
-
-    defaults = TranscoderConfig()
-    tc = dataclasses.replace(cfg.transcoder, **{s: getattr(defaults, s) for s in TRANSCODER_SUBSECTIONS
-                                                if s not in keep})
-    return dataclasses.replace(cfg, transcoder=tc)
-
-
-def target_spec(cfg: Config) -> tuple[str, tuple[str, ...]]:
-    """(target model directory or URI, upstream stages) of `transcoder.target`."""
-    from rank1_core.config import ModelConfig
-    from rank1_core.models import ModelNotAvailable, resolve_model_dir
-    from rank1_core.rundir import RunDir
-
-    t = cfg.transcoder.target
-    if t == "train_full":
-        return RunDir(cfg.run.dir).stage("train_full").uri_of("model"), ("prepare", "train_full")
-    try:
-        return str(resolve_model_dir(ModelConfig(name=t, tiny=cfg.model.tiny))), ("prepare",)
-    except ModelNotAvailable as e:
-        raise ConfigError(f"transcoder.target {t!r}: {e}") from None
 
 
 def validate(cfg: Config) -> int:
@@ -101,11 +73,12 @@ def check_target_shape(base_dir: str, target_dir: str) -> None:
 
 def run(cfg: Config, force: bool = False) -> dict:
     from rank1_core.models import resolve_model_dir
+    from rank1_core.transcoder import target_model
 
     tc = cfg.transcoder
     validate(cfg)
     base_dir = str(resolve_model_dir(cfg.model))
-    target_dir, upstream = target_spec(cfg)
+    target_dir = target_model(cfg)
     check_target_shape(base_dir, target_dir)
 
     def body(sr):
@@ -133,7 +106,7 @@ def run(cfg: Config, force: bool = False) -> dict:
               f"closed); MLP difference explained {faith['fve_difference_mean']:.3f}; L0 {faith['l0_per_layer']:.1f} "
               f"per layer", flush=True)
 
-    return execute(hash_view(cfg), STAGE, body, upstream=upstream, force=force, resumable=True)
+    return execute(cfg, STAGE, body, force=force, resumable=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m ray_jobs.transcoder_extract --config configs/demo.yaml
 
-Ray Data reads `prepare/tokens` (splits `transcoder.extract.splits`), cuts it into blocks of
-`transcoder.extract.batch_docs` documents and streams them through `transcoder.extract.actors`
+Ray Data reads `prepare/tokens` (splits `transcoder_extract.splits`), cuts it into blocks of
+`transcoder_extract.batch_docs` documents and streams them through `transcoder_extract.actors`
 actors (`rank1_core.transcoder.FeatureEncoder`), each holding the base model with the trained
 adapters (`transcoder/adapter`). An actor writes one file per batch into `features/` and
 `tokens/`, named by the batch's documents and renamed into place; files no batch reported
@@ -30,7 +30,6 @@ import math
 
 from rank1_core.config import Config
 from ray_jobs.common import ensure_ray, execute, stage_cli
-from ray_jobs.transcoder import hash_view
 
 STAGE = "transcoder_extract"
 TABLES = ("features", "tokens")
@@ -43,8 +42,7 @@ def run(cfg: Config, force: bool = False) -> dict:
     from rank1_core.transcoder import (TranscoderAdapter, feature_summary, hesitation_candidates,
                                        hesitation_table, latents_table, select_hesitation)
 
-    tc = cfg.transcoder
-    ec = tc.extract
+    ec = cfg.transcoder_extract
 
     def body(sr):
         run = RunDir(cfg.run.dir)
@@ -80,10 +78,10 @@ def run(cfg: Config, force: bool = False) -> dict:
             fired = feature_summary(con, "transcoder_features")
             lat = latents_table(adapter, fired, count.tokens)
             st.write_parquet("latents.parquet", lat)
-            cands = hesitation_candidates(con, "transcoder_features", "transcoder_tokens", tc.hesitation,
+            cands = hesitation_candidates(con, "transcoder_features", "transcoder_tokens", ec.hesitation,
                                           log=lambda m: print(m, flush=True))
             con.close()
-            selected = select_hesitation(cands, tc.hesitation)
+            selected = select_hesitation(cands, ec.hesitation)
             hes = hesitation_table(cands, selected, lat)
             st.write_parquet("hesitation_features.parquet", hes)
         n_rows = int(sum(int(s["rows"]) for s in summaries))
@@ -104,8 +102,7 @@ def run(cfg: Config, force: bool = False) -> dict:
               f"live {live}/{lat.num_rows}; {len(selected)} hesitation features "
               f"(of {summary['hesitation_candidates']} with a hesitation context)", flush=True)
 
-    return execute(hash_view(cfg, ("extract", "hesitation")), STAGE, body, upstream=("prepare", "transcoder"),
-                   force=force, resumable=True)
+    return execute(cfg, STAGE, body, force=force, resumable=True)
 
 
 if __name__ == "__main__":

@@ -355,9 +355,8 @@ def test_bad_inputs_name_the_file_and_column(tiny_cfg, tmp_path, keys):
 
 
 def test_local_server_is_the_default_without_keys(tiny_cfg, monkeypatch):
-    from rank1_core.autointerp.pipeline import resolve_use_local
+    from rank1_core.autointerp.pipeline import resolve_use_local, resolved
     from rank1_core.config import ConfigError, section_hash
-    from ray_jobs.autointerp import resolved
 
     for k in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(k, raising=False)

@@ -187,6 +187,112 @@ def test_sparse_and_dense_scores_agree():
     assert abs(dense.auroc[("true", "pos")][2] - K.exact_auroc(x, truth)) <= dense.bound[("true", "pos")][2] + 1e-9
 
 
+def _reference_counts(x, member, bits=16):
+    """Independent per-bin counts: every token's bin from its float32 bit pattern by plain
+    arithmetic (sign flip for negatives, -0.0 as +0.0), then np.unique; member [n, C] bool."""
+    u = np.asarray(x, np.float32).copy()
+    u[u == 0] = 0.0  # -0.0 -> +0.0 (the denormals of its bin do not occur below)
+    raw = u.view(np.uint32).astype(np.int64)
+    key = np.where(raw >= 1 << 31, (1 << 32) - 1 - raw, raw + (1 << 31)) >> (32 - bits)
+    bins, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv)
+    pos = np.stack([np.bincount(inv[member[:, j]], minlength=len(bins)) for j in range(member.shape[1])], 1)
+    z = np.flatnonzero(bins == (1 << (bits - 1)))
+    return total, pos, int(z[0]) if len(z) else -1
+
+
+def test_bitmask_labels_and_kernel_counts_match_an_independent_reference():
+    # 20 concepts: the per-token mask is uint32 (uint16 up to 16); the scores equal per-bin
+    # counts computed from scratch here
+    rng = np.random.default_rng(7)
+    n_docs, doc_len = 40, 150
+    ix = K.TokenIndex(np.arange(n_docs, dtype=np.int64), np.arange(0, n_docs * doc_len + 1, doc_len))
+    n = ix.n
+    concepts = [K.Concept(f"c{j}", "lexical", "", np.sort(rng.choice(n, int(n * s), replace=False)))
+                for j, s in enumerate(np.geomspace(0.003, 0.8, 20))]
+    labels = K.Labels(ix, concepts)
+    assert labels.mask(concepts).dtype == np.uint32 and labels.mask(concepts[:16]).dtype == np.uint16
+    x = np.where(rng.random(n) < 0.2, 0.0, rng.standard_t(3, n)).astype(np.float32)
+    x[::11] = -0.0
+    x[concepts[3].tokens] += 2.0
+    cfg = ConceptsConfig(bootstrap=30, k=16)
+    sc = K.Scorer(labels, cfg)
+    fs = sc.score("adapter", "A", x, None, True)
+    member = np.zeros((n, 20), bool)
+    for j, c in enumerate(concepts):
+        member[c.tokens, j] = True
+    total, pos, zero = _reference_counts(x, member)
+    auc, bound = K.auroc_from_counts(total, pos, zero)
+    np.testing.assert_array_equal(fs.auroc[("true", "pos")], auc)
+    np.testing.assert_array_equal(fs.bound[("true", "pos")], bound)
+    np.testing.assert_array_equal(fs.auroc[("true", "neg")], 1.0 - auc)
+    # shuffled labels: each document's labels moved inside it (same counts per document)
+    shuf = K.mask_bits(sc.mask["shuffled"], 20).astype(bool)
+    np.testing.assert_array_equal(shuf.reshape(n_docs, doc_len, 20).sum(1), member.reshape(n_docs, doc_len, 20).sum(1))
+    auc_s, _ = K.auroc_from_counts(*_reference_counts(x, shuf)[:2], zero)
+    np.testing.assert_array_equal(fs.auroc[("shuffled", "pos")], auc_s)
+    # precision from the top contexts: the first k of the full sort (at most 4 per document)
+    top = K.top_contexts(x, ix.doc_of_token(), 16, 4)
+    np.testing.assert_array_equal(fs.precision[("true", "pos")], member[top].mean(0))
+    assert len(fs.reps["true"][0]) == 30
+    with pytest.raises(K.ConceptError, match="at most 64"):
+        K.mask_dtype(65)
+
+
+def _numpy_dense_counts(sc, x):
+    """The NumPy counting the kernel replaced: a bincount over the codes of each concept's
+    tokens (of its complement's when it covers more than half), per labels kind."""
+    codes, key_of = sc._codes(x)
+    nbc = len(key_of) if key_of is not None else int(codes.max()) + 1
+    hc = np.bincount(codes, minlength=nbc)
+    out = {}
+    for lab in K.LABEL_KINDS:
+        bits = K.mask_bits(sc.mask[lab], sc.C).astype(bool)
+        cols = []
+        for j in range(sc.C):
+            toks = np.flatnonzero(bits[:, j])
+            if 2 * len(toks) > sc.n:
+                cols.append(hc - np.bincount(codes[np.flatnonzero(~bits[:, j])], minlength=nbc))
+            else:
+                cols.append(np.bincount(codes[toks], minlength=nbc))
+        out[lab] = np.stack(cols, 1) if cols else np.zeros((nbc, 0), np.int64)
+    return codes, hc, out
+
+
+@pytest.mark.parametrize("n_concepts", [1, 16, 17, 33])
+@pytest.mark.parametrize("bits", [12, 16, 20])
+def test_counting_kernel_equals_numpy_bincounts(n_concepts, bits):
+    # ties, -0.0, an all-zero stretch, concepts from 0.1% to 90% of the tokens (the largest
+    # counted through their complement); mask uint16 / uint32 / uint64; codes uint16 / int64
+    rng = np.random.default_rng(n_concepts * 100 + bits)
+    n_docs, doc_len = 30, 120
+    ix = K.TokenIndex(np.arange(n_docs, dtype=np.int64), np.arange(0, n_docs * doc_len + 1, doc_len))
+    n = ix.n
+    concepts = [K.Concept(f"c{j}", "lexical", "", np.sort(rng.choice(n, max(1, int(n * s)), replace=False)))
+                for j, s in enumerate(np.geomspace(0.001, 0.9, n_concepts))]
+    sc = K.Scorer(K.Labels(ix, concepts), ConceptsConfig(bootstrap=20, k=16, hist_bits=bits))
+    assert sc.masks.dtype == K.mask_dtype(n_concepts)
+    for x in (np.round(rng.standard_t(3, n), 1).astype(np.float32), np.zeros(n, np.float32)):
+        x[::7] = -0.0
+        x[: n // 5] = 0.0
+        d = sc._counts_dense(x)
+        codes, hc, ref = _numpy_dense_counts(sc, x)
+        key_of = d.key_of if d.key_of is not None else np.arange(len(hc))
+        np.testing.assert_array_equal(np.bincount(key_of[np.arange(len(hc))], weights=hc)[d.nz], d.total)
+        for lab in K.LABEL_KINDS:
+            want = np.stack([np.bincount(key_of[np.arange(len(hc))], weights=ref[lab][:, j],
+                                         minlength=int(d.nz[-1]) + 1)[d.nz] for j in range(sc.C)], 1)
+            np.testing.assert_array_equal(d.pos[lab], want)
+        # the bootstrap's per-block histograms against one bincount over (block, coarse bin) cells
+        cmap = rng.integers(0, K.BLOCK_STRIDE, len(d.nz))
+        for c in (0, n_concepts - 1):
+            Tg, Pg = sc._block_hists_dense(d, cmap, "true", c)
+            cell = sc.block[sc.doc] * K.BLOCK_STRIDE + cmap[d.compact][np.searchsorted(d.code_nz, codes)]
+            G = sc.G * K.BLOCK_STRIDE
+            np.testing.assert_array_equal(Tg.ravel(), np.bincount(cell, minlength=G))
+            np.testing.assert_array_equal(Pg.ravel(), np.bincount(cell[K.mask_bit(sc.mask["true"], c)], minlength=G))
+
+
 def test_summary_shares_and_intervals():
     labels, rng = _labels(seed=2)
     cfg = ConceptsConfig(bootstrap=100)
@@ -322,7 +428,7 @@ def test_steer_and_transcoder_eval_count_hesitations_with_one_rule():
     from rank1_core.transcoder import count_words as transcoder_count
 
     cfg = load_config(K.S.QUERIES_DIR.parent / "configs" / "demo.yaml")
-    assert cfg.steer.hesitation_tokens == cfg.transcoder.hesitation.words == list(HESITATION_WORDS)
+    assert cfg.steer.hesitation_tokens == cfg.transcoder_extract.hesitation.words == list(HESITATION_WORDS)
     texts = ["Wait, 2 + 2 = 5. Hmm... wait! Waiting, await, WAIT. HmmWait", "", "x\nWait\nhmm", "no pause here"]
     for text in texts:
         n = count_words(text, HESITATION_WORDS)

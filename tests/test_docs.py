@@ -69,6 +69,17 @@ def test_schemas_md_is_generated_from_the_code():
     assert have == want, "docs/schemas.md is stale: python -m rank1_core.schemas --markdown > docs/schemas.md"
 
 
+def test_readme_stage_table_is_the_stage_graph():
+    from rank1_core.stages import markdown
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- stages: python -m rank1_core.stages --markdown", "<!-- /stages -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    have = text.split(begin, 1)[1].split("\n", 1)[1].split(end, 1)[0]
+    assert have == markdown(), ("README.md's stage table differs from rank1_core.stages: paste "
+                                "`python -m rank1_core.stages --markdown` between its <!-- stages --> markers")
+
+
 def test_every_schema_column_is_described_and_rendered():
     md = schemas.markdown()
     for t in schemas.TABLES:

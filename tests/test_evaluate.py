@@ -8,11 +8,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from rank1_core.benchmarks import Variant, engine_groups, order_samples, summarize
 from rank1_core.config import ConfigError
 from rank1_core.generation import vllm_available
 from rank1_core.grading import BenchmarkError
 from ray_jobs import evaluate
-from ray_jobs.evaluate import Variant, engine_groups
 from test_evaluate_fixtures import VLLM_TINY, add_trained_stages
 
 SAMPLE_COLUMNS = ["variant", "benchmark", "problem_id", "sample", "response", "extracted", "correct",
@@ -57,6 +57,21 @@ def test_missing_upstream_stage_is_named(tiny_cfg, prepared_run, copy_run):
         evaluate.run(tiny_cfg(run_dir=copy_run(prepared_run)))
 
 
+def test_order_samples_follows_variants_problems_and_samples_and_counts_them():
+    """The one ordering of graded samples (evaluate, ablate, transcoder_eval): variant order as
+    given, then benchmark, problem order within it, sample; typed columns; a lost sample fails."""
+    items = [{"variant": v, "benchmark": "b", "problem_id": p, "problem_index": i}
+             for v in ("lora", "base") for i, p in enumerate(("p9", "p1"))]
+    rows = [{"variant": v, "benchmark": "b", "problem_id": p, "sample": s, "correct": 1, "finished": 0,
+             "marker_found": 1, "n_tokens": 3.0} for v in ("base", "lora") for p in ("p1", "p9") for s in (1, 0)]
+    out = order_samples(pd.DataFrame(rows), items, ["lora", "base"], 2)
+    assert list(zip(out["variant"], out["problem_id"], out["sample"]))[:4] == [
+        ("lora", "p9", 0), ("lora", "p9", 1), ("lora", "p1", 0), ("lora", "p1", 1)]
+    assert out["correct"].dtype == bool and out["n_tokens"].dtype == "int32" and out.index.tolist() == list(range(8))
+    with pytest.raises(RuntimeError, match="generation returned 7 samples, expected 8"):
+        order_samples(pd.DataFrame(rows[:-1]), items, ["lora", "base"], 2)
+
+
 def test_summary_and_both_table1s_show_the_marker_rate():
     """evaluate's summary keeps each variant's prompt; Table 1 (evaluate's table1.md and the
     report's) shows the share of think-prompted responses that reached the answer marker."""
@@ -70,7 +85,7 @@ def test_summary_and_both_table1s_show_the_marker_rate():
             rows.append({"variant": v, "benchmark": "b", "problem_id": str(i), "sample": 0, "n_tokens": 8,
                          "finished": bool(m), "marker_found": bool(m), "correct": bool(m) and i < 2 + (v == "full"),
                          "prompt": prompt})
-    summary = evaluate.summarize(pd.DataFrame(rows))
+    summary = summarize(pd.DataFrame(rows))
     assert summary.set_index("variant").loc[["base", "lora", "full"], "prompt"].tolist() == ["plain", "think", "think"]
     assert summary.set_index("variant")["marker_rate"].to_dict() == {"base": 0.0, "full": 1.0, "lora": 0.75}
     md = table1_markdown(table1(summary, ["b"]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -437,18 +438,39 @@ def test_hesitation_sql_counts_contexts_at_and_before_hesitation_tokens():
     ({"lr": 0}, "transcoder.lr"),
     ({"target": ""}, "transcoder.target"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
-    ({"hesitation": {"min_contexts": 9, "contexts": 8}}, "min_contexts"),
-    ({"hesitation": {"words": []}}, "words"),
-    ({"hesitation": {"min_share": 0}}, "min_share"),
-    ({"hesitation": {"match": "prev"}}, "'transcoder.hesitation.match' must be one of"),
-    ({"extract": {"splits": ["test"]}}, "transcoder.extract.splits"),
-    ({"eval": {"reference": "paper"}}, "'transcoder.eval.reference' must be one of"),
-    ({"eval": {"actors": 0}}, "transcoder.eval.actors"),
     ({"bogus": 1}, "unknown key 'transcoder.bogus'"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(section, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         config_from_dict({"transcoder": section})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"transcoder_extract": {"hesitation": {"min_contexts": 9, "contexts": 8}}}, "min_contexts"),
+    ({"transcoder_extract": {"hesitation": {"words": []}}}, "words"),
+    ({"transcoder_extract": {"hesitation": {"min_share": 0}}}, "min_share"),
+    ({"transcoder_extract": {"hesitation": {"match": "prev"}}}, "'transcoder_extract.hesitation.match' must be one of"),
+    ({"transcoder_extract": {"splits": ["test"]}}, "transcoder_extract.splits"),
+    ({"transcoder_eval": {"reference": "paper"}}, "'transcoder_eval.reference' must be one of"),
+    ({"transcoder_eval": {"actors": 0}}, "transcoder_eval.actors"),
+    ({"transcoder_extract": {"hesitation": {"random_control": False}}}, "unknown key "
+     "'transcoder_extract.hesitation.random_control'"),
+    # the sections that used to be nested in `transcoder:` say where they went
+    ({"transcoder": {"extract": {"actors": 2}}}, "'transcoder.extract' moved to the top-level section "
+     "'transcoder_extract:'"),
+    ({"transcoder": {"hesitation": {"contexts": 8}}}, "'transcoder.hesitation' moved to 'transcoder_extract.hesitation:' "
+     "(same keys, except random_control: now transcoder_eval.random_control)"),
+    ({"transcoder": {"eval": {"limit": 5}}}, "'transcoder.eval' moved to the top-level section 'transcoder_eval:'"),
+])
+def test_bad_transcoder_stage_sections_are_rejected_naming_the_key(data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(data)
+
+
+def test_an_override_of_a_moved_key_is_blamed(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"^override 'transcoder.eval.batch_size=8': 'transcoder.eval' moved to "
+                                          r"the top-level section 'transcoder_eval:'"):
+        tiny_cfg("transcoder.eval.batch_size=8")
 
 
 def test_layers_and_k_are_checked_against_the_model(tiny_cfg):
@@ -461,17 +483,20 @@ def test_layers_and_k_are_checked_against_the_model(tiny_cfg):
         validate(tiny_cfg("transcoder.k=1000"))
 
 
-def test_stage_hashes_ignore_the_subsections_a_stage_does_not_read(tiny_cfg):
+def test_stage_hashes_ignore_the_sections_a_stage_does_not_read(tiny_cfg):
     from rank1_core.config import section_hash
-    from ray_jobs.transcoder import hash_view
 
-    a, b = tiny_cfg(), tiny_cfg("transcoder.hesitation.min_share=0.9", "transcoder.eval.batch_size=3")
-    assert section_hash(hash_view(a), "transcoder") == section_hash(hash_view(b), "transcoder")
-    assert (section_hash(hash_view(a, ("extract", "hesitation")), "transcoder_extract")
-            != section_hash(hash_view(b, ("extract", "hesitation")), "transcoder_extract"))
+    a, b = tiny_cfg(), tiny_cfg("transcoder_extract.hesitation.min_share=0.9", "transcoder_eval.batch_size=3")
+    assert section_hash(a, "transcoder") == section_hash(b, "transcoder")
+    assert section_hash(a, "transcoder_extract") != section_hash(b, "transcoder_extract")
+    assert section_hash(a, "transcoder_eval") != section_hash(b, "transcoder_eval")
+    d = tiny_cfg("transcoder_eval.batch_size=3")
+    assert section_hash(a, "transcoder_extract") == section_hash(d, "transcoder_extract")
     c = tiny_cfg("transcoder.k=4")
-    assert section_hash(hash_view(a), "transcoder") != section_hash(hash_view(c), "transcoder")
-    assert math.isclose(hash_view(b).transcoder.hesitation.min_share, 0.5)  # default in the training view
+    assert section_hash(a, "transcoder") != section_hash(c, "transcoder")
+    # the transcoder section holds no other stage's settings (its config.yaml shows none at a default)
+    assert {"extract", "hesitation", "eval"}.isdisjoint(b.to_dict()["transcoder"])
+    assert math.isclose(b.transcoder_extract.hesitation.min_share, 0.9)
 
 
 def test_generation_worker_ablating_no_feature_is_the_adapters_and_all_features_the_base(tiny_model_dir, tmp_path):

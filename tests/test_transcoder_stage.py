@@ -13,7 +13,7 @@ from rank1_core.config import ConfigError
 
 # Small enough for CI: a few optimizer steps, 4 held-out traces, 4 problems of 8 new tokens.
 QUICK = ("train.max_steps=2", "transcoder.max_steps=4", "transcoder.heldout_docs=4", "evaluate.limit=4",
-         "evaluate.max_new_tokens=8", "transcoder.eval.batch_size=8")
+         "evaluate.max_new_tokens=8", "transcoder_eval.batch_size=8")
 
 
 def perturbed_target(model_dir, dest, scale: float = 0.2):
@@ -106,7 +106,7 @@ def test_transcoder_lens_end_to_end_on_the_tiny_full_fine_tune(tiny_cfg, prepare
     # reference evaluate: base and full rescored from evaluate's samples of the same (first 2) problems
     ref = samples[samples["variant"].isin(["base", "full"])].drop(columns=["hesitations"])
     fake_evaluate_stage(run_dir, ref)
-    cfg3 = tiny_cfg(*QUICK, "transcoder.eval.reference=evaluate", "transcoder.eval.limit=2", run_dir=run_dir)
+    cfg3 = tiny_cfg(*QUICK, "transcoder_eval.reference=evaluate", "transcoder_eval.limit=2", run_dir=run_dir)
     m3 = transcoder_eval.run(cfg3)
     assert m3["inputs"].keys() == {"prepare", "transcoder", "transcoder_extract", "evaluate"}
     rec = pq.read_table(ev / "summary.parquet").to_pandas()
@@ -119,12 +119,12 @@ def test_transcoder_lens_end_to_end_on_the_tiny_full_fine_tune(tiny_cfg, prepare
     assert rc["reference"].iloc[0] == "evaluate" and rc["base"].iloc[0] == pytest.approx(want)
     with pytest.raises(ConfigError, match="lacks 2 of this stage's 6 problems"):
         fake_evaluate_stage(run_dir, ref[ref["problem_id"].isin(list(dict.fromkeys(ref["problem_id"]))[:4])])
-        transcoder_eval.run(tiny_cfg(*QUICK, "transcoder.eval.reference=evaluate", "transcoder.eval.limit=6",
+        transcoder_eval.run(tiny_cfg(*QUICK, "transcoder_eval.reference=evaluate", "transcoder_eval.limit=6",
                                      run_dir=run_dir))
 
     # Reruns skip; a change to the hesitation settings reruns extract and eval, never training.
     assert transcoder.run(cfg)["finished_at"] == m["finished_at"]
-    cfg2 = tiny_cfg(*QUICK, "transcoder.hesitation.min_share=0.9", run_dir=run_dir)
+    cfg2 = tiny_cfg(*QUICK, "transcoder_extract.hesitation.min_share=0.9", run_dir=run_dir)
     assert transcoder.run(cfg2)["finished_at"] == m["finished_at"]
     assert transcoder_extract.run(cfg2)["finished_at"] != mx["finished_at"]
 
@@ -164,8 +164,8 @@ def test_bad_pairs_fail_before_any_work(tiny_cfg, tiny_model_dir, prepared_run, 
         transcoder.run(tiny_cfg("transcoder.target=no/such/dir/x", run_dir=run_dir))
     with pytest.raises(ConfigError, match="layer 2 is out of range"):
         transcoder.run(tiny_cfg("transcoder.layers=[2]", run_dir=run_dir))
-    with pytest.raises(ConfigError, match="set transcoder.eval.reference: generate"):
-        transcoder_eval.run(tiny_cfg(f"transcoder.target={tmp_path / 'other'}", "transcoder.eval.reference=evaluate",
+    with pytest.raises(ConfigError, match="set transcoder_eval.reference: generate"):
+        transcoder_eval.run(tiny_cfg(f"transcoder.target={tmp_path / 'other'}", "transcoder_eval.reference=evaluate",
                                      run_dir=run_dir))
     assert not (run_dir / "transcoder").exists()
 

@@ -108,6 +108,15 @@ def resolve_use_local(a: AutointerpConfig, env=None) -> bool:
         "autointerp.use_local_server=true to answer every task with the local vLLM server")
 
 
+def resolved(cfg):
+    """The config with use_local_server decided from the environment (part of the stage hash,
+    so setting an API key later reruns the stage with the hosted models)."""
+    import dataclasses
+
+    use_local = resolve_use_local(cfg.autointerp)
+    return dataclasses.replace(cfg, autointerp=dataclasses.replace(cfg.autointerp, use_local_server=use_local))
+
+
 def hosted_routing(a: AutointerpConfig) -> Routing:
     eps, limits, prices, lims = {}, {}, {}, {}
     for m in a.models:

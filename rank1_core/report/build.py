@@ -175,7 +175,7 @@ class ReportBuilder:
                         "(transcoder) uses this table's base and full.")
                 if "Transcoder problems" in disp.columns:
                     note += (" transcoder_eval scored another number of problems than evaluate "
-                             "(transcoder.eval.limit): see "
+                             "(transcoder_eval.limit): see "
                              "<a href=\"#transcoder\">its recovery on the same problems</a>.")
                 sec.add(note + "</p>")
                 if t1["transcoder"].isna().all():

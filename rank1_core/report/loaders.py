@@ -22,11 +22,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rank1_core.rundir import RunDir, StageDir
+from rank1_core.stages import REPORT_INPUTS
 
-# The stages whose outputs the report reads, in the status table's order (the transcoder
-# stages appended last, so the report's hash on a run without them is what it was).
-UPSTREAM = ("prepare", "train", "train_full", "evaluate", "ablate", "extract", "topk", "sae", "autointerp",
-            "steer", "transcoder", "transcoder_extract", "transcoder_eval", "concepts")
+UPSTREAM = REPORT_INPUTS  # the stages whose outputs the report reads, in the status table's order
 SOURCES = ("adapter", "neuron", "sae", "transcoder")
 TRANSCODER_STAGES = ("transcoder", "transcoder_extract", "transcoder_eval")
 # Groups of stages not every run has: when no stage of a group was ever started, the group is

@@ -81,7 +81,7 @@ class SyntheticSpec:
     transcoder_latents: int = 12
     """Latents per adapted layer (d_latent): feature l * d_latent + i is latent i of layer l."""
     transcoder_problems: int = 20
-    """Problems per benchmark in transcoder_eval (evaluate has 50: transcoder.eval.limit)."""
+    """Problems per benchmark in transcoder_eval (evaluate has 50: transcoder_eval.limit)."""
 
 
 def _stage(run: RunDir, name: str, body) -> dict:
