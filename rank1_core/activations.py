@@ -539,6 +539,16 @@ def count_input(prepare: StageDir, splits: Sequence[str]) -> InputCount:
     return InputCount(docs, tokens, by)
 
 
+def finalize_batches(stage: StageDir, summaries: Sequence[dict], tables: Sequence[str]) -> tuple[list[str], int]:
+    """The batch files the actors reported (their `file` column), each once, kept by
+    `finalize_outputs`: returns them and how many leftovers were deleted."""
+    files = [str(s["file"]) for s in summaries if s["file"]]
+    dup = sorted({f for f in files if files.count(f) > 1})
+    if dup:
+        raise ExtractError(f"batches reported twice: {dup[:5]} (duplicate doc_ids in prepare/tokens?)")
+    return files, finalize_outputs(stage, files, tables)
+
+
 def finalize_outputs(stage: StageDir, files: Sequence[str], tables: Sequence[str]) -> int:
     """Keep exactly the reported batch files; delete leftovers (temporary files of killed
     writers, files of a batch split differently on a retry). Returns how many were deleted."""

@@ -71,11 +71,7 @@ def run(cfg: Config, force: bool = False, *, crash: dict | None = None) -> dict:
                     summaries.append(s)
                     p.update(int(s["tokens"]), docs=int(s["docs"]))
         with sr.timed("finalize"):
-            files = [str(s["file"]) for s in summaries if s["file"]]
-            dup = sorted({f for f in files if files.count(f) > 1})
-            if dup:
-                raise A.ExtractError(f"batches reported twice: {dup[:5]} (duplicate doc_ids in prepare/tokens?)")
-            deleted = A.finalize_outputs(st, files, tables)
+            files, deleted = A.finalize_batches(st, summaries, tables)
             counts = A.verify_exactly_once(st, count.tokens, tables)
             A.check_columns(st, files[0], info, num_layers, n_neurons)
         secs = sr.timings.get("extract") or 1e-9

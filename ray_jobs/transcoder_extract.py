@@ -66,11 +66,7 @@ def run(cfg: Config, force: bool = False) -> dict:
                 num_cpus=ec.cpus_per_actor)
             summaries = list(ds.iter_rows())
         with sr.timed("finalize"):
-            files = [str(s["file"]) for s in summaries if s["file"]]
-            dup = sorted({f for f in files if files.count(f) > 1})
-            if dup:
-                raise A.ExtractError(f"batches reported twice: {dup[:5]} (duplicate doc_ids in prepare/tokens?)")
-            deleted = A.finalize_outputs(st, files, TABLES)
+            files, deleted = A.finalize_batches(st, summaries, TABLES)
             counts = A.verify_exactly_once(st, count.tokens, ("tokens",))
         with sr.timed("latents_and_hesitation"):
             con = S.connect(None, memory_limit="2GB", threads=2)

@@ -313,7 +313,11 @@ def test_batch_files_are_idempotent(tiny_model_dir, adapter_all, tmp_path):
     (st.local_path("activations") / ".tmp-dead-part-x.parquet").write_bytes(b"partial")
     ex.splits = {"train", "heldout"}
     orphan = ex(_batch([1], ds[:1]))["file"][0]
-    deleted = A.finalize_outputs(st, [name, str(s3["file"][0])], A.TABLES)
+    reported = [{"file": name}, {"file": ""}, {"file": str(s3["file"][0])}]  # "" = a filtered batch
+    with pytest.raises(A.ExtractError, match=r"batches reported twice: \['" + name):
+        A.finalize_batches(st, reported + [{"file": name}], A.TABLES)
+    files, deleted = A.finalize_batches(st, reported, A.TABLES)
+    assert files == [name, str(s3["file"][0])]
     assert deleted == 1 + 3  # the temp file, and the orphan in each of the three tables
     assert not st.exists("tokens", str(orphan))
     info = A.read_adapter(adapter_all, 2)
