@@ -67,6 +67,8 @@ class Sampler:
         self.root = psutil.Process()
         self.peak_tree = self.peak_largest = self.peak_machine = 0
         self.largest_name = ""
+        self.cpu_s = 0.0
+        """CPU seconds the sampler itself spent (it shares the cores with what it measures)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -97,7 +99,9 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            t0 = time.thread_time()
             self.sample()
+            self.cpu_s += time.thread_time() - t0
 
     def __enter__(self) -> "Sampler":
         self.sample()
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped = isinstance(manifest, dict) and manifest.get("finished_at", started) < started
         rows.append({"stage": name, "seconds": secs, "skipped": bool(skipped), "tree_pss_gb": s.peak_tree / GB,
                      "largest_rss_gb": s.peak_largest / GB, "largest": s.largest_name,
-                     "machine_gb": s.peak_machine / GB})
+                     "machine_gb": s.peak_machine / GB, "sampler_cpu_s": s.cpu_s})
     total = time.perf_counter() - t_all
 
     print("\nstage          wall s   tree PSS GB   largest RSS GB   machine GB   largest process")
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':<14}{total:>7.1f}   {max(r['tree_pss_gb'] for r in ran):>11.2f}   "
           f"{max(r['largest_rss_gb'] for r in ran):>14.2f}   {max(r['machine_gb'] for r in ran):>10.2f}   "
           f"({total / 60:.1f} min, {len(ran) - 1} stages run)")
+    print(f"the memory sampler itself used {sum(r.get('sampler_cpu_s', 0.0) for r in rows):.0f} CPU-s "
+          f"(--interval {args.interval:g} s); `rank1 run` has no sampler", flush=True)
     out = {"config": args.config, "run": cfg.run.dir, "total_seconds": total, "stages": rows,
            "cpus": psutil.cpu_count(), "memory_gb": vm.total / GB,
            "machine_gb_before": (vm.total - vm.available) / GB}
