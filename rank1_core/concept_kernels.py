@@ -1,10 +1,11 @@
 """Counting kernels of the concepts stage's metric pass (numba, compiled on first use).
 
-One pass over a dense column's tokens counts, for every token, its code's bin in the all-token
-histogram and in the histogram of every concept bit set in its true and shuffled label masks;
-a second pass (only for the bootstrap, once the coarse bins are known) counts the per-block
-histograms of all tokens and of one concept. Integer counts: the results are exactly those of
-the NumPy bincounts they replace (tests/test_concepts.py compares them).
+A dense column's all-token histogram (`code_hist`) gives its non-empty bins; one pass over its
+tokens then adds every token's true and shuffled label bits to its bin's row
+(`concept_counts`); a last pass (only for the bootstrap, once the coarse bins are known)
+counts the per-block histograms of all tokens and of one concept (`block_counts`). Integer
+counts: the results are exactly those of the NumPy bincounts they replaced
+(tests/test_concepts.py compares them).
 
 The compiled code is cached next to this module (numba's default) or, where that is not
 writable, under NUMBA_CACHE_DIR or the user's cache directory; where no cache location is
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
 
 
 def _jit(fn):
@@ -26,22 +26,27 @@ def _jit(fn):
 
 
 @_jit
-def _concept_counts(codes, slot, masks, flips, n_slots, n_concepts):
-    """H[slot[code], kind * n_concepts + j]: tokens per slot of the codes of every concept bit
-    j set in masks[kind] ^ flips[kind] (a set bit of `flips`: the concept's complement is
-    counted, the fewer look-ups when it covers more than half the tokens)."""
-    n_kinds = masks.shape[0]
-    width = n_kinds * n_concepts
-    H = np.zeros((n_slots, width), np.int64)
+def _concept_counts(codes, slot, mask_a, mask_b, H, n_concepts):
+    """H[slot[code], j] += 1 for every concept bit j set in mask_a, and
+    H[slot[code], n_concepts + j] for every bit j of mask_b. Branch-free: every bit of every
+    token is added (0 or 1), both masks side by side in one 64-bit word when they fit."""
     one = np.uint64(1)
-    for i in range(codes.shape[0]):
-        row = slot[codes[i]]
-        for kind in range(n_kinds):
-            m = np.uint64(masks[kind, i] ^ flips[kind])
-            base = kind * n_concepts
-            while m:
-                H[row, base + trailing_zeros(m)] += 1
-                m &= m - one
+    C = np.uint64(n_concepts)
+    if 2 * n_concepts <= 64:
+        width = 2 * n_concepts
+        for i in range(codes.shape[0]):
+            row = slot[codes[i]]
+            m = np.uint64(mask_a[i]) | (np.uint64(mask_b[i]) << C)
+            for j in range(width):
+                H[row, j] += np.int32((m >> np.uint64(j)) & one)
+    else:
+        for i in range(codes.shape[0]):
+            row = slot[codes[i]]
+            a = np.uint64(mask_a[i])
+            b = np.uint64(mask_b[i])
+            for j in range(n_concepts):
+                H[row, j] += np.int32((a >> np.uint64(j)) & one)
+                H[row, n_concepts + j] += np.int32((b >> np.uint64(j)) & one)
     return H
 
 
@@ -70,11 +75,14 @@ def _block_counts(codes, cell_of_code, tok_cell, mask, bit, n_cells):
     return T, P
 
 
-def concept_counts(codes: np.ndarray, slot: np.ndarray, masks: np.ndarray, flips: np.ndarray, n_slots: int,
+def concept_counts(codes: np.ndarray, slot: np.ndarray, masks: tuple[np.ndarray, np.ndarray], n_slots: int,
                    n_concepts: int) -> np.ndarray:
-    """[n_slots, kinds x n_concepts] int64 counts (see `_concept_counts`). `masks`: [kinds, tokens]
-    bit masks; `flips`: [kinds] of the same dtype; `slot`: int64 slot of every code."""
-    return _concept_counts(codes, slot, masks, flips, n_slots, n_concepts)
+    """[n_slots, 2 x n_concepts] counts of the concepts of two labels kinds (see
+    `_concept_counts`; int32 below 2**31 tokens). `masks`: two [tokens] bit masks; `slot`: the
+    slot (row) of every code."""
+    dt = np.int32 if codes.shape[0] < 2**31 else np.int64
+    H = np.zeros((n_slots, 2 * n_concepts), dt)
+    return _concept_counts(codes, slot, masks[0], masks[1], H, n_concepts)
 
 
 def code_hist(codes: np.ndarray, n_codes: int) -> np.ndarray:

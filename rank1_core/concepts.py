@@ -62,6 +62,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rank1_core import concept_kernels as CK
 from rank1_core import sql as S
 from rank1_core.config import ConceptsConfig
 from rank1_core.lexicon import word_pattern
@@ -556,48 +557,6 @@ class FeatureScore:
     reps: dict = field(default_factory=dict)  # labels -> (auroc[R], precision[R])
 
 
-def _complement(tokens: np.ndarray, n: int) -> np.ndarray:
-    keep = np.ones(n, bool)
-    keep[tokens] = False
-    return np.flatnonzero(keep)
-
-
-COUNT_CHUNK = 1 << 21
-"""Tokens per step of the per-token work on a dense column: bounds each scoring thread's
-temporaries (about 12 bytes a token of a step) whatever the column's length."""
-
-
-def _hist(codes: np.ndarray, nb: int, idx: Optional[np.ndarray] = None) -> np.ndarray:
-    """np.bincount of `codes` (or of codes[idx]) in COUNT_CHUNK steps, `nb` bins."""
-    m = len(codes) if idx is None else len(idx)
-    if m <= COUNT_CHUNK:
-        return np.bincount(codes if idx is None else codes[idx], minlength=nb)
-    h = np.zeros(nb, np.int64)
-    for a in range(0, m, COUNT_CHUNK):
-        h += np.bincount(codes[a:a + COUNT_CHUNK] if idx is None else codes[idx[a:a + COUNT_CHUNK]], minlength=nb)
-    return h
-
-
-def _runs(sel: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) of every run of True in a bool array."""
-    d = np.diff(sel.astype(np.int8))
-    starts = np.flatnonzero(d == 1) + 1
-    ends = np.flatnonzero(d == -1)
-    if len(sel) and sel[0]:
-        starts = np.concatenate([[0], starts])
-    if len(sel) and sel[-1]:
-        ends = np.concatenate([ends, [len(sel) - 1]])
-    return [(int(a), int(b)) for a, b in zip(starts, ends)]
-
-
-def _in_runs(codes: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray:
-    """Positions of the codes that fall in one of the (first, last) runs."""
-    m = np.zeros(len(codes), bool)
-    for a, b in runs:
-        m |= (codes >= a) & (codes <= b)
-    return np.flatnonzero(m)
-
-
 @dataclass
 class _DenseBins:
     """The histogram of one dense column. Each token's `code` is the raw high bits of its
@@ -620,8 +579,7 @@ class Scorer:
     """Scores features (dense columns or sparse entries) against the labels of a run.
 
     Labels are held as one bit mask per token and labels kind (`mask_dtype`: 2 bytes a token
-    for up to 16 concepts) and, for the per-bin counts, each concept's sorted token list (or
-    its complement's, when that is shorter)."""
+    for up to 16 concepts), which the counting kernels (`concept_kernels`) read."""
 
     def __init__(self, labels: Labels, cfg: ConceptsConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -653,10 +611,6 @@ class Scorer:
                                         np.int64).reshape(self.C, self.G) for lab in LABEL_KINDS}
         # per token: its block's first cell in a (block, coarse bin) histogram of BLOCK_STRIDE bins per block
         self.tok_cell = (self.block * BLOCK_STRIDE).astype(np.int32)[self.doc]
-        # A concept on more than half the tokens is counted through its complement (fewer
-        # look-ups): (tokens to count, counted are the negatives)
-        self.count_lists = {lab: [(_complement(t, self.n), True) if 2 * len(t) > self.n else (t, False)
-                                  for t in tokens[lab]] for lab in LABEL_KINDS}
         del tokens
         self.R = cfg.bootstrap
         self.W = rng.multinomial(self.G, np.full(self.G, 1.0 / self.G), size=self.R).astype(np.float64) \
@@ -682,11 +636,11 @@ class Scorer:
 
     def _counts_dense(self, x: np.ndarray) -> _DenseBins:
         """Histograms of one dense column: all tokens per bin, and per labels kind the
-        concepts' tokens per bin (a bincount of the codes of each concept's tokens, or of its
-        complement's when that is smaller), on the non-empty bins."""
+        concepts' tokens per bin (one pass of `concept_kernels.concept_counts` over the codes
+        and both labels kinds' bit masks), on the non-empty bins."""
         codes, key_of = self._codes(x)
         nbc = len(key_of) if key_of is not None else int(codes.max()) + 1
-        hc = _hist(codes, nbc)
+        hc = CK.code_hist(codes, nbc)
         code_nz = np.flatnonzero(hc)
         nz, compact = np.unique(key_of[code_nz] if key_of is not None else code_nz, return_inverse=True)
         K = len(nz)
@@ -694,18 +648,12 @@ class Scorer:
         order = np.argsort(compact, kind="stable")
         first = np.concatenate([[0], np.flatnonzero(np.diff(compact[order])) + 1])
         total = np.add.reduceat(hc[code_nz][order], first)
-        H = np.empty((len(code_nz), len(LABEL_KINDS) * self.C))
-        for i, lab in enumerate(LABEL_KINDS):
-            for j, (toks, _) in enumerate(self.count_lists[lab]):
-                H[:, i * self.C + j] = _hist(codes, nbc, toks)[code_nz]
+        slot = np.zeros(nbc, np.int32)
+        slot[code_nz] = np.arange(len(code_nz), dtype=np.int32)
+        masks = tuple(self.mask[lab] for lab in LABEL_KINDS)
+        H = CK.concept_counts(codes, slot, masks, len(code_nz), self.C).astype(np.float64)
         H = np.add.reduceat(H[order], first, axis=0) if len(code_nz) else H
-        pos = {}
-        for i, lab in enumerate(LABEL_KINDS):
-            p = H[:, i * self.C:(i + 1) * self.C]
-            for j, (_, complement) in enumerate(self.count_lists[lab]):
-                if complement:
-                    p[:, j] = total - p[:, j]
-            pos[lab] = p
+        pos = {lab: H[:, i * self.C:(i + 1) * self.C] for i, lab in enumerate(LABEL_KINDS)}
         nb = 1 << self.bits if self.bits <= 16 else nbc
         full = np.zeros(nb, np.int64)
         full[nz] = total
@@ -715,21 +663,12 @@ class Scorer:
 
     def _block_hists_dense(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple[np.ndarray, np.ndarray]:
         """(block, coarse bin) histograms ([G, BLOCK_STRIDE]) of all tokens and of concept c's,
-        given the coarse bin of every non-empty fine bin (`cmap`)."""
+        given the coarse bin of every non-empty fine bin (`cmap`): one pass of
+        `concept_kernels.block_counts`."""
         G, B = self.G, BLOCK_STRIDE
         cm = np.zeros(len(d.key_of) if d.key_of is not None else int(d.code_nz[-1]) + 1, np.int32)
         cm[d.code_nz] = cmap[d.compact]
-        toks, complement = self.count_lists[lab][c]
-        Tg = np.zeros(G * B, np.int64)
-        Ph = np.zeros(G * B, np.int64)
-        for a in range(0, self.n, COUNT_CHUNK):
-            b = min(self.n, a + COUNT_CHUNK)
-            cell = cm[d.codes[a:b]]
-            cell += self.tok_cell[a:b]
-            Tg += np.bincount(cell, minlength=G * B)
-            i, j = np.searchsorted(toks, [a, b])
-            Ph += np.bincount(cell[toks[i:j] if a == 0 else toks[i:j] - a], minlength=G * B)
-        Pg = Tg - Ph if complement else Ph
+        Tg, Pg = CK.block_counts(d.codes, cm, self.tok_cell, self.mask[lab], c, G * B)
         return Tg.reshape(G, B), Pg.reshape(G, B)
 
     def _counts_sparse(self, v: np.ndarray, t: np.ndarray):
@@ -825,8 +764,8 @@ class Scorer:
         candidates are the tokens of the highest (lowest) bins holding a few times the tokens
         wanted, a set closed upwards in value, so its top contexts are the column's; widened
         until the per-document cap leaves enough of them. `keys`: each token's bin, or its
-        code when `key_of` (code -> bin) is given (the bins wanted are then one or two runs
-        of codes)."""
+        code when `key_of` (code -> bin) is given (the codes wanted are then found through a
+        table of every code)."""
         k, cap = self.cfg.k, self.cfg.max_per_doc
         want = min(k * depth, cap * self.n_docs)
         cum = np.cumsum(hist[::-1] if sign == "pos" else hist)
@@ -834,7 +773,8 @@ class Scorer:
         while True:
             i = min(int(np.searchsorted(cum, need)), len(hist) - 1)
             if key_of is not None:
-                cand = _in_runs(keys, _runs(key_of >= len(hist) - 1 - i if sign == "pos" else key_of <= i))
+                # the codes whose bin is wanted, as a table: one look-up per token
+                cand = np.flatnonzero((key_of >= len(hist) - 1 - i if sign == "pos" else key_of <= i)[keys])
             else:
                 cand = np.flatnonzero(keys >= len(hist) - 1 - i if sign == "pos" else keys <= i)
             vals = x[cand] if sign == "pos" else -x[cand]
