@@ -61,6 +61,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 from rank1_core import concept_kernels as CK
 from rank1_core import sql as S
@@ -559,13 +560,14 @@ class FeatureScore:
 
 @dataclass
 class _DenseBins:
-    """The histogram of one dense column. Each token's `code` is the raw high bits of its
-    float32 (one look-up table, `key_of`, turns a code into its order-preserving bin; None:
-    the codes are the bins), so that no per-token bin array is built: the histograms are
+    """The histogram of one dense column. Each token's code (`codes >> shift`: up to 16 bits,
+    the raw high bits of its float32, read in place) goes through one look-up table, `key_of`,
+    to its order-preserving bin, so that no per-token bin array is built: the histograms are
     counted over codes and reordered afterwards."""
 
     codes: np.ndarray
-    key_of: Optional[np.ndarray]
+    shift: int
+    key_of: np.ndarray
     full: np.ndarray  # tokens per bin (every bin)
     nz: np.ndarray  # the non-empty bins, ascending
     total: np.ndarray  # full[nz]
@@ -624,52 +626,57 @@ class Scorer:
     def _bits_matrix(self, toks: np.ndarray, labels: str) -> np.ndarray:
         return mask_bits(self.mask[labels][toks], self.C)
 
-    def _codes(self, x: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Each value's code and the code -> bin table (`_DenseBins`)."""
+    def _codes(self, x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+        """(codes, shift, key_of): each value's code is `codes >> shift` and `key_of[code]` its
+        order-preserving bin (`_DenseBins`). Up to 16 bits the codes are the float32 values'
+        raw bits, read in place (no per-token array); above, the bins present, numbered in order."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.bits > 16:
-            return value_bins(x, self.bits), None
-        if self.bits == 16 and sys.byteorder == "little":
-            # the high half of each value, no arithmetic; contiguous: the concepts' look-ups are faster
-            return np.ascontiguousarray(x.view(np.uint16)[1::2]), _key_lut(16)
-        return (x.view(np.uint32) >> np.uint32(32 - self.bits)).astype(np.uint16), _key_lut(self.bits)
+        if self.bits <= 16:
+            return x.view(np.uint32), 32 - self.bits, _key_lut(self.bits)
+        bins = value_bins(x, self.bits)
+        present = np.flatnonzero(np.bincount(bins))
+        number = np.zeros(int(present[-1]) + 1, np.int32)
+        number[present] = np.arange(len(present), dtype=np.int32)
+        return number[bins], 0, present
 
     def _counts_dense(self, x: np.ndarray) -> _DenseBins:
         """Histograms of one dense column: all tokens per bin, and per labels kind the
         concepts' tokens per bin (one pass of `concept_kernels.concept_counts` over the codes
         and both labels kinds' bit masks), on the non-empty bins."""
-        codes, key_of = self._codes(x)
-        nbc = len(key_of) if key_of is not None else int(codes.max()) + 1
-        hc = CK.code_hist(codes, nbc)
+        codes, shift, key_of = self._codes(x)
+        masks = tuple(self.mask[lab] for lab in LABEL_KINDS)
+        H = CK.concept_counts(codes, shift, masks, len(key_of), self.C)
+        hc = H[:, -1].astype(np.int64)
         code_nz = np.flatnonzero(hc)
-        nz, compact = np.unique(key_of[code_nz] if key_of is not None else code_nz, return_inverse=True)
+        nz, compact = np.unique(key_of[code_nz], return_inverse=True)
         K = len(nz)
         # codes of one bin (-0.0 beside +0.0) are summed: rows in bin order, then one reduceat
         order = np.argsort(compact, kind="stable")
         first = np.concatenate([[0], np.flatnonzero(np.diff(compact[order])) + 1])
         total = np.add.reduceat(hc[code_nz][order], first)
-        slot = np.zeros(nbc, np.int32)
-        slot[code_nz] = np.arange(len(code_nz), dtype=np.int32)
-        masks = tuple(self.mask[lab] for lab in LABEL_KINDS)
-        H = CK.concept_counts(codes, slot, masks, len(code_nz), self.C).astype(np.float64)
+        H = H[code_nz, :-1].astype(np.float64)
         H = np.add.reduceat(H[order], first, axis=0) if len(code_nz) else H
         pos = {lab: H[:, i * self.C:(i + 1) * self.C] for i, lab in enumerate(LABEL_KINDS)}
-        nb = 1 << self.bits if self.bits <= 16 else nbc
+        nb = 1 << self.bits if self.bits <= 16 else int(key_of[-1]) + 1
         full = np.zeros(nb, np.int64)
         full[nz] = total
         z = int(np.searchsorted(nz, self.zero))
         zero = z if z < K and nz[z] == self.zero else -1
-        return _DenseBins(codes, key_of, full, nz, total, code_nz, compact, pos, zero)
+        return _DenseBins(codes, shift, key_of, full, nz, total, code_nz, compact, pos, zero)
+
+    def _block_args(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple:
+        """`concept_kernels.select_tokens`'s `block`: the (block, coarse bin) histograms of all
+        tokens and of concept c's, given the coarse bin of every non-empty fine bin (`cmap`)."""
+        cm = np.zeros(len(d.key_of), np.int32)
+        cm[d.code_nz] = cmap[d.compact]
+        return cm, self.tok_cell, self.mask[lab], c, self.G * BLOCK_STRIDE
 
     def _block_hists_dense(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """(block, coarse bin) histograms ([G, BLOCK_STRIDE]) of all tokens and of concept c's,
-        given the coarse bin of every non-empty fine bin (`cmap`): one pass of
-        `concept_kernels.block_counts`."""
-        G, B = self.G, BLOCK_STRIDE
-        cm = np.zeros(len(d.key_of) if d.key_of is not None else int(d.code_nz[-1]) + 1, np.int32)
-        cm[d.code_nz] = cmap[d.compact]
-        Tg, Pg = CK.block_counts(d.codes, cm, self.tok_cell, self.mask[lab], c, G * B)
-        return Tg.reshape(G, B), Pg.reshape(G, B)
+        """(block, coarse bin) histograms ([G, BLOCK_STRIDE]) of all tokens and of concept c's
+        alone (the scorer counts them in `_top_dense`'s pass)."""
+        *_, Tg, Pg = CK.select_tokens(d.codes, d.shift, np.zeros(len(d.key_of), np.uint8), 0, 0,
+                                      self._block_args(d, cmap, lab, c))
+        return Tg.reshape(self.G, BLOCK_STRIDE), Pg.reshape(self.G, BLOCK_STRIDE)
 
     def _counts_sparse(self, v: np.ndarray, t: np.ndarray):
         bins = np.concatenate([value_bins(v, self.bits), [self.zero]])
@@ -722,11 +729,27 @@ class Scorer:
             fs.auroc[(lab, "pos")], fs.bound[(lab, "pos")] = auc, bound
             if signed:
                 fs.auroc[(lab, "neg")], fs.bound[(lab, "neg")] = 1.0 - auc, bound
+        for lab in LABEL_KINDS:  # the best concept first: the bootstrap's block histograms share a pass
+            best = None
+            for sign in signs:
+                a = np.where(self.rankable, np.nan_to_num(fs.auroc[(lab, sign)], nan=-1.0), -1.0)
+                j = int(np.argmax(a)) if self.C else -1
+                if j >= 0 and a[j] >= 0 and (best is None or a[j] > best[2]):
+                    best = (j, sign, a[j])
+            if best is not None:
+                fs.best[lab] = best[:2]
+        rep = bool(self.R) and "true" in fs.best  # intervals for the real labels; shuffled: point values
+        if rep:
+            c, best_sign = fs.best["true"]
+            cmap = self._coarse_bins(total, pos["true"][:, c])
         cands = {}
         depth = 4 if self.R else 1
+        if t is None:
+            top_dense, hists = self._top_dense(x, d.codes, full, signs, depth, d.key_of, d.shift,
+                                               self._block_args(d, cmap, "true", c) if rep else None)
         for sign in signs:
             if t is None:
-                toks = self._top_dense(x, d.codes, full, sign, depth, d.key_of)
+                toks = top_dense[sign]
             else:
                 vals = x if sign == "pos" else -x
                 keep = np.flatnonzero(vals > 0)
@@ -737,72 +760,73 @@ class Scorer:
             fs.n_top[sign] = min(len(toks), cfg.k)
             for lab in LABEL_KINDS:
                 fs.precision[(lab, sign)] = self._precision(toks[:cfg.k], lab)
-        for lab in LABEL_KINDS:
-            best = None
-            for sign in signs:
-                a = np.where(self.rankable, np.nan_to_num(fs.auroc[(lab, sign)], nan=-1.0), -1.0)
-                j = int(np.argmax(a)) if self.C else -1
-                if j >= 0 and a[j] >= 0 and (best is None or a[j] > best[2]):
-                    best = (j, sign, a[j])
-            if best is None:
-                continue
-            fs.best[lab] = best[:2]
-            if self.R and lab == "true":  # intervals for the real labels; shuffled: point values
-                if t is None:
-                    def coarse(cmap, d=d, lab=lab, c=best[0]):
-                        return self._block_hists_dense(d, cmap, lab, c)
-                else:
-                    def coarse(cmap, inv=inv):
-                        return cmap[inv].astype(np.int32)
-                fs.reps[lab] = self._replicates(t, (total, pos[lab][:, best[0]]), coarse, zero, best[0], best[1], lab,
-                                                cands[best[1]], fs.auroc[(lab, best[1])][best[0]])
+        if rep:
+            fs.reps["true"] = self._replicates(t, cmap, hists if t is None else cmap[inv].astype(np.int32), zero, c,
+                                               best_sign, "true", cands[best_sign], fs.auroc[("true", best_sign)][c])
         return fs
 
-    def _top_dense(self, x: np.ndarray, keys: np.ndarray, hist: np.ndarray, sign: str, depth: int,
-                   key_of: Optional[np.ndarray] = None) -> np.ndarray:
-        """`top_contexts` of a dense column (sign "neg": of -x) without sorting it: the
-        candidates are the tokens of the highest (lowest) bins holding a few times the tokens
-        wanted, a set closed upwards in value, so its top contexts are the column's; widened
-        until the per-document cap leaves enough of them. `keys`: each token's bin, or its
-        code when `key_of` (code -> bin) is given (the codes wanted are then found through a
-        table of every code)."""
+    def _top_dense(self, x: np.ndarray, keys: np.ndarray, hist: np.ndarray, signs: tuple[str, ...], depth: int,
+                   key_of: Optional[np.ndarray] = None, shift: int = 0,
+                   block: Optional[tuple] = None) -> tuple[dict[str, np.ndarray], Optional[tuple]]:
+        """`top_contexts` of a dense column for each sign (sign "neg": of -x) without sorting
+        it: the candidates are the tokens of the highest (lowest) bins holding a few times the
+        tokens wanted, a set closed upwards in value, so its top contexts are the column's;
+        widened until the per-document cap leaves enough of them. `keys`: each token's bin, or
+        its code (`keys >> shift`) when `key_of` (code -> bin) is given. The candidates of both
+        signs come from one pass over the tokens (`concept_kernels.select_tokens`, through a
+        table of every key), which with `block` (`_block_args`) also counts the bootstrap's
+        block histograms, returned second ([G, BLOCK_STRIDE] each; else None)."""
         k, cap = self.cfg.k, self.cfg.max_per_doc
         want = min(k * depth, cap * self.n_docs)
-        cum = np.cumsum(hist[::-1] if sign == "pos" else hist)
-        need = max(want * 2, want + 16)
-        while True:
-            i = min(int(np.searchsorted(cum, need)), len(hist) - 1)
-            if key_of is not None:
-                # the codes whose bin is wanted, as a table: one look-up per token
-                cand = np.flatnonzero((key_of >= len(hist) - 1 - i if sign == "pos" else key_of <= i)[keys])
-            else:
-                cand = np.flatnonzero(keys >= len(hist) - 1 - i if sign == "pos" else keys <= i)
-            vals = x[cand] if sign == "pos" else -x[cand]
-            top = top_contexts(vals, self.doc[cand], k, cap, depth, n_docs=self.n_docs)
-            if len(top) >= want or len(cand) >= self.n:
-                return cand[top[:want]]
-            need *= 4
+        cum = {"pos": np.cumsum(hist[::-1]), "neg": np.cumsum(hist)}
+        key_bin = key_of if key_of is not None else np.arange(len(hist))
+        need = dict.fromkeys(signs, max(want * 2, want + 16))
+        out: dict[str, np.ndarray] = {}
+        hists = None
+        while len(out) < len(signs):
+            todo = [s for s in signs if s not in out]
+            table = np.zeros(len(key_bin), np.uint8)
+            sizes = [0, 0]
+            for b, sign in enumerate(todo):
+                i = min(int(np.searchsorted(cum[sign], need[sign])), len(hist) - 1)
+                table |= ((key_bin >= len(hist) - 1 - i) if sign == "pos" else (key_bin <= i)).astype(np.uint8) << b
+                sizes[b] = int(cum[sign][i])
+            *cands, Tg, Pg = CK.select_tokens(keys, shift, table, *sizes, block)
+            if block is not None:
+                hists = Tg.reshape(self.G, BLOCK_STRIDE), Pg.reshape(self.G, BLOCK_STRIDE)
+                block = None
+            for sign, cand in zip(todo, cands):
+                vals = x[cand] if sign == "pos" else -x[cand]
+                top = top_contexts(vals, self.doc[cand], k, cap, depth, n_docs=self.n_docs)
+                if len(top) >= want or len(cand) >= self.n:
+                    out[sign] = cand[top[:want]]
+                else:
+                    need[sign] *= 4
+        return {s: out[s] for s in signs}, hists
 
-    def _replicates(self, t, total_pos, coarse, zero, c, sign, lab, cand, auc_fine):
-        """Bootstrap replicates (R) of the AUROC and top-k precision of concept c, sign. The
-        per-block histograms merge the fine bins into at most 2 x COARSE_BINS + 1 bins of about
-        equal mass of all tokens and of the concept's tokens (the bias this adds is removed by
-        shifting each replicate by the fine-minus-coarse AUROC of the full data). `coarse(cmap)`:
-        given the coarse bin of every non-empty fine bin, the (block, coarse bin) histograms
-        of all tokens and of the concept's (dense, `_block_hists_dense`) or the coarse bin of
-        every entry (sparse)."""
-        tot, posc = total_pos
+    @staticmethod
+    def _coarse_bins(tot: np.ndarray, posc: np.ndarray) -> np.ndarray:
+        """The bootstrap's coarse bin of every non-empty fine bin: at most 2 x COARSE_BINS + 1
+        bins of about equal mass of all tokens (`tot` per fine bin) and of the concept's (`posc`)."""
         g = np.floor(COARSE_BINS * np.cumsum(tot) / max(tot.sum(), 1)) \
             + np.floor(COARSE_BINS * np.cumsum(posc) / max(posc.sum(), 1))
-        _, cmap = np.unique(g, return_inverse=True)
+        return np.unique(g, return_inverse=True)[1]
+
+    def _replicates(self, t, cmap, coarse, zero, c, sign, lab, cand, auc_fine):
+        """Bootstrap replicates (R) of the AUROC and top-k precision of concept c, sign. The
+        per-block histograms merge the fine bins into the coarse bins `cmap` (`_coarse_bins`;
+        the bias this adds is removed by shifting each replicate by the fine-minus-coarse AUROC
+        of the full data). `coarse`: the (block, coarse bin) histograms of all tokens and of
+        the concept's (dense, from `_top_dense`'s pass) or the coarse bin of every entry
+        (sparse)."""
         Kc = int(cmap.max()) + 1
         zc = int(cmap[zero]) if zero >= 0 else -1
         if t is None:
-            # one bincount over (block, coarse bin) cells: BLOCK_STRIDE >= the 2 x COARSE_BINS + 1 bins
-            Tg, Pg = coarse(cmap)
+            # (block, coarse bin) cells: BLOCK_STRIDE >= the 2 x COARSE_BINS + 1 bins
+            Tg, Pg = coarse
             Tg, Pg = Tg[:, :Kc].astype(np.float64), Pg[:, :Kc].astype(np.float64)
         else:
-            cbin = coarse(cmap)
+            cbin = coarse
             blk = self.block[self.doc[t]]
             Tg = np.bincount(blk * Kc + cbin, minlength=self.G * Kc).reshape(self.G, Kc).astype(np.float64)
             Tg[:, zc] += self.block_tokens - np.bincount(blk, minlength=self.G)
@@ -959,8 +983,12 @@ def score_wide(run: RunDir, scorer: Scorer, src: Source, cfg: ConceptsConfig, ou
         t2 = time.perf_counter()
         if proj is not None:  # in token slices: no [directions, tokens] temporary
             A = directions[[col_pos[c] for c in cols]].astype(np.float32).T
-            for a in range(0, ix.n, PROJECT_CHUNK):
-                proj[:, a:a + PROJECT_CHUNK] += A @ X[:len(cols), a:a + PROJECT_CHUNK]
+            # one BLAS thread: a [d, columns] x [columns, slice] product is memory-bound, and
+            # OpenBLAS's other threads mostly spin (~2x the CPU time); the products are the same
+            # (threads split the output, never a sum: test_projection_threads_change_no_bit)
+            with threadpool_limits(1, user_api="blas"):
+                for a in range(0, ix.n, PROJECT_CHUNK):
+                    proj[:, a:a + PROJECT_CHUNK] += A @ X[:len(cols), a:a + PROJECT_CHUNK]
         t3 = time.perf_counter()
         out.extend(score_columns(scorer, src.name, cols, X, src.signed))
         for k, dt in zip(spent, (t2 - t1, t3 - t2, time.perf_counter() - t3)):

@@ -122,10 +122,22 @@ def test_top_contexts_from_the_histogram_equal_the_full_sort():
         x = x.astype(np.float32)
         keys = K.value_bins(x, 16)
         hist = np.bincount(keys, minlength=1 << 16)
-        for sign, v in (("pos", x), ("neg", -x)):
-            got = sc._top_dense(x, keys, hist, sign, depth=4)
-            want = K.top_contexts(v, sc.doc, 16, 2, depth=4, n_docs=30)
-            assert len(got) == 60 and got.tolist() == want.tolist()
+        codes, shift, key_of = sc._codes(x)  # the scorer's own input: codes in place, the code -> bin table
+        d = sc._counts_dense(x)
+        cmap = rng.integers(0, K.BLOCK_STRIDE, len(d.nz))
+        for signs in (("pos", "neg"), ("neg",)):
+            by_bin, no_hists = sc._top_dense(x, keys, hist, signs, depth=4)
+            # with the bootstrap's block histograms counted in the same pass: the same contexts,
+            # and the histograms of the pass that counts them alone
+            by_code, hists = sc._top_dense(x, codes, hist, signs, depth=4, key_of=key_of, shift=shift,
+                                           block=sc._block_args(d, cmap, "true", 1))
+            assert list(by_bin) == list(signs) and no_hists is None
+            for got, alone in zip(hists, sc._block_hists_dense(d, cmap, "true", 1)):
+                np.testing.assert_array_equal(got, alone)
+            for sign in signs:
+                want = K.top_contexts(x if sign == "pos" else -x, sc.doc, 16, 2, depth=4, n_docs=30)
+                assert len(want) == 60
+                assert by_bin[sign].tolist() == want.tolist() and by_code[sign].tolist() == want.tolist()
 
 
 def test_top_contexts_caps_per_document():
@@ -243,10 +255,11 @@ def _numpy_dense_counts(sc, x):
     """The NumPy counting the kernel replaced: a bincount over the codes of each concept's
     tokens (of its complement's when it covers more than half), per labels kind; then summed
     per bin. Returns (bins, all tokens per bin, {labels: concept tokens per bin})."""
-    codes, key_of = sc._codes(x)
+    raw, shift, key_of = sc._codes(x)
+    codes = raw >> shift
     present, inv = np.unique(codes, return_inverse=True)
     hc = np.bincount(inv)
-    bins, binv = np.unique(key_of[present] if key_of is not None else present, return_inverse=True)
+    bins, binv = np.unique(key_of[present], return_inverse=True)
     per_bin = lambda h: np.bincount(binv, weights=h, minlength=len(bins))  # noqa: E731
     out = {}
     for lab in K.LABEL_KINDS:
@@ -323,6 +336,23 @@ def test_random_directions_have_unit_norm():
     u = K.random_directions(210, 16, seed=0)
     assert u.shape == (210, 16)
     np.testing.assert_allclose(np.linalg.norm(u, axis=0), 1.0)
+
+
+def test_projection_threads_change_no_bit():
+    # score_wide projects on one BLAS thread: the products must equal the threaded ones bit for
+    # bit (BLAS threads split the output, never a sum), else the random directions' AUROCs would
+    # depend on the thread count. Large enough for OpenBLAS to use every thread.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    rng = np.random.default_rng(3)
+    A = K.random_directions(48, 16, 0).astype(np.float32).T
+    X = rng.standard_t(3, (48, K.PROJECT_CHUNK)).astype(np.float32)
+    threads = max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
+    with threadpool_limits(max(2, threads), user_api="blas"):
+        many = A @ X
+    with threadpool_limits(1, user_api="blas"):
+        one = A @ X
+    np.testing.assert_array_equal(one, many)
 
 
 # --------------------------------------------------------------------------- lexical labels on a hand-made run
