@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,6 +309,21 @@ class HFGenerator(Generator):
         super().close()
 
 
+def give_llvmlite_a_namespace() -> None:
+    """Let a vLLM engine start in a process that has loaded numba (the concepts stage's kernels).
+
+    vLLM's CPU platform, starting an engine, reads `vars(value).get("kernel")` for every value
+    of every loaded module (`vllm/triton_utils/dispatcher.py`). llvmlite's `ffi.lib` has
+    `__slots__` and forwards unknown attributes to the C library, `__dict__` included, so
+    `vars()` returns one of its function wrappers and the engine fails with "'_lib_fn_wrapper'
+    object has no attribute 'get'". An empty `__dict__` in its function table answers the scan
+    and is never a C symbol."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table["__dict__"] = {}
+
+
 class VLLMGenerator(Generator):
     """vLLM offline engine; adapters as LoRARequests on the base weights or merged into them."""
 
@@ -348,6 +364,7 @@ class VLLMGenerator(Generator):
         )
         if opts.get("max_model_len"):
             kwargs["max_model_len"] = opts["max_model_len"]
+        give_llvmlite_a_namespace()
         self.llm = LLM(**kwargs)
 
     def generate(self, prompt_ids, variant):
