@@ -52,6 +52,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -480,21 +481,9 @@ def auroc_from_counts(total: np.ndarray, pos: np.ndarray, zero: int = -1) -> tup
     """AUROC of every concept (columns of `pos`, counts per ordered bin; `total` all tokens per
     bin) and its error bound. Ties within a bin count one half; the bound is half the share of
     (positive, negative) pairs sharing a bin other than bin `zero` (a bin of one value)."""
-    total = np.asarray(total, dtype=np.float64)
-    pos = np.asarray(pos, dtype=np.float64).reshape(len(total), -1)
-    neg = total[:, None] - pos
-    P, Nn = pos.sum(0), neg.sum(0)
-    below = np.cumsum(neg, 0) - neg
-    pairs = P * Nn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos * (below + 0.5 * neg)).sum(0) / pairs
-        tie = pos * neg
-        if 0 <= zero < len(total):
-            tie[zero] = 0
-        bound = 0.5 * tie.sum(0) / pairs
-    auc[pairs == 0] = np.nan
-    bound[pairs == 0] = np.nan
-    return auc, bound
+    total = np.ascontiguousarray(total, dtype=np.float64)
+    posT = np.ascontiguousarray(np.asarray(pos, dtype=np.float64).reshape(len(total), -1).T)
+    return CK.auroc_counts(total, posT, zero)  # one loop per concept (sums of exact half-integers)
 
 
 def exact_auroc(x: np.ndarray, y: np.ndarray) -> float:
@@ -561,9 +550,9 @@ class FeatureScore:
 @dataclass
 class _DenseBins:
     """The histogram of one dense column. Each token's code (`codes >> shift`: up to 16 bits,
-    the raw high bits of its float32, read in place) goes through one look-up table, `key_of`,
-    to its order-preserving bin, so that no per-token bin array is built: the histograms are
-    counted over codes and reordered afterwards."""
+    the raw high bits of its float32) goes through one look-up table, `key_of`, to its
+    order-preserving bin, so that no per-token bin array is built: the histograms are counted
+    over codes and merged into bins afterwards."""
 
     codes: np.ndarray
     shift: int
@@ -571,17 +560,29 @@ class _DenseBins:
     full: np.ndarray  # tokens per bin (every bin)
     nz: np.ndarray  # the non-empty bins, ascending
     total: np.ndarray  # full[nz]
-    code_nz: np.ndarray  # the codes present
-    compact: np.ndarray  # index into nz of each of code_nz
+    bin_of_code: np.ndarray  # index into nz of each code's bin, -1 for the codes absent
     pos: dict  # labels -> [len(nz), C] concept tokens per bin
+    posT: np.ndarray  # [len(LABEL_KINDS) x C, len(nz)]: the same, transposed (pos's base)
     zero: int  # index into nz of the zero bin, -1 if empty
+
+    @property
+    def code_nz(self) -> np.ndarray:
+        """The codes present, ascending."""
+        return np.flatnonzero(self.bin_of_code >= 0)
+
+    @property
+    def compact(self) -> np.ndarray:
+        """The index into nz of each of code_nz."""
+        return self.bin_of_code[self.code_nz]
 
 
 class Scorer:
     """Scores features (dense columns or sparse entries) against the labels of a run.
 
     Labels are held as one bit mask per token and labels kind (`mask_dtype`: 2 bytes a token
-    for up to 16 concepts), which the counting kernels (`concept_kernels`) read."""
+    for up to 16 concepts), and for the counting kernels (`concept_kernels`) as a list of
+    positions per concept and labels kind (`concept_kernels.label_lists`: the true labels'
+    concepts first, then the shuffled; at most half the tokens each)."""
 
     def __init__(self, labels: Labels, cfg: ConceptsConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -603,6 +604,7 @@ class Scorer:
                   "shuffled": [np.sort(moved[c.tokens]) for c in self.concepts]}
         del moved
         self.mask = {lab: token_mask(self.n, tokens[lab]) for lab in LABEL_KINDS}
+        self.lists = CK.label_lists(self.n, [t for lab in LABEL_KINDS for t in tokens[lab]])
         self.P = {k: np.array([len(t) for t in v], np.float64) for k, v in tokens.items()}
         self.rankable = np.array([c.name not in cfg.best_excludes for c in self.concepts])
         # bootstrap: documents in random blocks, blocks drawn with replacement
@@ -611,8 +613,9 @@ class Scorer:
         self.block_tokens = np.bincount(self.block, weights=lens, minlength=self.G).astype(np.int64)
         self.pos_block = {lab: np.array([np.bincount(self.block[self.doc[t]], minlength=self.G) for t in tokens[lab]],
                                         np.int64).reshape(self.C, self.G) for lab in LABEL_KINDS}
-        # per token: its block's first cell in a (block, coarse bin) histogram of BLOCK_STRIDE bins per block
-        self.tok_cell = (self.block * BLOCK_STRIDE).astype(np.int32)[self.doc]
+        # per document: its block's first cell in a (block, coarse bin) histogram of BLOCK_STRIDE bins per block
+        self.doc_cell = (self.block * BLOCK_STRIDE).astype(np.int32)
+        self.starts = np.ascontiguousarray(labels.index.starts, np.int64)  # documents: consecutive runs of tokens
         del tokens
         self.R = cfg.bootstrap
         self.W = rng.multinomial(self.G, np.full(self.G, 1.0 / self.G), size=self.R).astype(np.float64) \
@@ -620,19 +623,28 @@ class Scorer:
         self.bits = cfg.hist_bits
         self.zero = zero_bin(self.bits)
         self.n_docs = len(lens)
+        # the codes in ascending bin order (up to 16 bits; above, codes are numbered in bin order)
+        self.code_order = np.argsort(_key_lut(self.bits), kind="stable") if self.bits <= 16 else None
+        self._buffers = threading.local()  # per thread: the codes of a column, `concept_kernels.counts_buffer`
 
     # ---- counts
 
     def _bits_matrix(self, toks: np.ndarray, labels: str) -> np.ndarray:
         return mask_bits(self.mask[labels][toks], self.C)
 
-    def _codes(self, x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    def _codes(self, x: np.ndarray, reuse: bool = False) -> tuple[np.ndarray, int, np.ndarray]:
         """(codes, shift, key_of): each value's code is `codes >> shift` and `key_of[code]` its
         order-preserving bin (`_DenseBins`). Up to 16 bits the codes are the float32 values'
-        raw bits, read in place (no per-token array); above, the bins present, numbered in order."""
+        raw high bits (uint16, one pass; with `reuse`, into this thread's buffer, valid until
+        its next call); above, the bins present, numbered in order."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.bits <= 16:
-            return x.view(np.uint32), 32 - self.bits, _key_lut(self.bits)
+            out = getattr(self._buffers, "codes", None) if reuse else None
+            if out is None or len(out) != len(x):
+                out = np.empty(len(x), np.uint16)
+                if reuse:
+                    self._buffers.codes = out
+            return CK.high_bits(x.view(np.uint32), 32 - self.bits, out), 0, _key_lut(self.bits)
         bins = value_bins(x, self.bits)
         present = np.flatnonzero(np.bincount(bins))
         number = np.zeros(int(present[-1]) + 1, np.int32)
@@ -641,35 +653,41 @@ class Scorer:
 
     def _counts_dense(self, x: np.ndarray) -> _DenseBins:
         """Histograms of one dense column: all tokens per bin, and per labels kind the
-        concepts' tokens per bin (one pass of `concept_kernels.concept_counts` over the codes
-        and both labels kinds' bit masks), on the non-empty bins."""
-        codes, shift, key_of = self._codes(x)
-        masks = tuple(self.mask[lab] for lab in LABEL_KINDS)
-        H = CK.concept_counts(codes, shift, masks, len(key_of), self.C)
-        hc = H[:, -1].astype(np.int64)
-        code_nz = np.flatnonzero(hc)
-        nz, compact = np.unique(key_of[code_nz], return_inverse=True)
+        concepts' tokens per bin (`concept_kernels.concept_counts` over the codes, from each
+        concept's positions, then merged into the non-empty bins), on the non-empty bins."""
+        codes, shift, key_of = self._codes(x, reuse=True)
+        H = getattr(self._buffers, "counts", None)
+        if H is None or H.shape[1] != len(key_of):  # one per thread, handed back zeroed
+            H = self._buffers.counts = CK.counts_buffer(2 * self.C, len(key_of), self.n)
+        order = self.code_order if self.code_order is not None else np.arange(len(key_of))
+        try:
+            bin_of_code, total, posT = CK.bins_of_codes(CK.concept_counts(codes, shift, self.lists, H),
+                                                        self.lists[2], order, key_of)
+        except BaseException:  # the buffer may hold counts: never reuse it
+            self._buffers.counts = None
+            raise
+        pos = {lab: posT[i * self.C:(i + 1) * self.C].T for i, lab in enumerate(LABEL_KINDS)}
+        present = np.flatnonzero(bin_of_code >= 0)
+        nz = np.zeros(len(total), np.int64)
+        nz[bin_of_code[present]] = key_of[present]
         K = len(nz)
-        # codes of one bin (-0.0 beside +0.0) are summed: rows in bin order, then one reduceat
-        order = np.argsort(compact, kind="stable")
-        first = np.concatenate([[0], np.flatnonzero(np.diff(compact[order])) + 1])
-        total = np.add.reduceat(hc[code_nz][order], first)
-        H = H[code_nz, :-1].astype(np.float64)
-        H = np.add.reduceat(H[order], first, axis=0) if len(code_nz) else H
-        pos = {lab: H[:, i * self.C:(i + 1) * self.C] for i, lab in enumerate(LABEL_KINDS)}
         nb = 1 << self.bits if self.bits <= 16 else int(key_of[-1]) + 1
         full = np.zeros(nb, np.int64)
         full[nz] = total
         z = int(np.searchsorted(nz, self.zero))
         zero = z if z < K and nz[z] == self.zero else -1
-        return _DenseBins(codes, shift, key_of, full, nz, total, code_nz, compact, pos, zero)
+        return _DenseBins(codes, shift, key_of, full, nz, total, bin_of_code, pos, posT, zero)
 
     def _block_args(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple:
         """`concept_kernels.select_tokens`'s `block`: the (block, coarse bin) histograms of all
         tokens and of concept c's, given the coarse bin of every non-empty fine bin (`cmap`)."""
         cm = np.zeros(len(d.key_of), np.int32)
-        cm[d.code_nz] = cmap[d.compact]
-        return cm, self.tok_cell, self.mask[lab], c, self.G * BLOCK_STRIDE
+        present = d.bin_of_code >= 0
+        cm[present] = cmap[d.bin_of_code[present]]
+        flat, offs, comp = self.lists
+        j = LABEL_KINDS.index(lab) * self.C + c
+        return (cm, self.starts, self.doc_cell, flat[offs[j]:offs[j + 1]], bool(comp[j]),
+                self.G * BLOCK_STRIDE)
 
     def _block_hists_dense(self, d: _DenseBins, cmap: np.ndarray, lab: str, c: int) -> tuple[np.ndarray, np.ndarray]:
         """(block, coarse bin) histograms ([G, BLOCK_STRIDE]) of all tokens and of concept c's
@@ -719,11 +737,12 @@ class Scorer:
         if t is None:
             d = self._counts_dense(x)
             full, total, pos, zero = d.full, d.total, d.pos, d.zero
+            auc2, bound2 = CK.auroc_counts(total.astype(np.float64), d.posT, zero)
         else:
             total, pos, zero, nz, inv = self._counts_sparse(x, t)
+            auc2, bound2 = auroc_from_counts(total, np.concatenate([pos[lab] for lab in LABEL_KINDS], 1), zero)
         signs = ("pos", "neg") if signed else ("pos",)
         fs = FeatureScore(source, feature, signs, {}, {}, {}, {})
-        auc2, bound2 = auroc_from_counts(total, np.concatenate([pos[lab] for lab in LABEL_KINDS], 1), zero)
         for i, lab in enumerate(LABEL_KINDS):
             auc, bound = auc2[i * self.C:(i + 1) * self.C], bound2[i * self.C:(i + 1) * self.C]
             fs.auroc[(lab, "pos")], fs.bound[(lab, "pos")] = auc, bound

@@ -308,6 +308,79 @@ def test_counting_kernel_equals_numpy_bincounts(n_concepts, bits):
             np.testing.assert_array_equal(Pg.ravel(), np.bincount(cell[K.mask_bit(sc.mask["true"], c)], minlength=G))
 
 
+def test_label_lists_hold_at_most_half_the_tokens():
+    # a concept over more than half the tokens is listed by its complement (and counted as
+    # all tokens minus it); the empty concept and one of every token included
+    from rank1_core import concept_kernels as CK
+
+    n = 1000
+    rng = np.random.default_rng(3)
+    lists = [np.sort(rng.choice(n, m, replace=False)) for m in (0, 10, 500, 501, 990)] + [np.arange(n)]
+    flat, offs, comp = CK.label_lists(n, lists)
+    assert flat.dtype == np.int32 and comp.tolist() == [False, False, False, True, True, True]
+    for j, toks in enumerate(lists):
+        got = flat[offs[j]:offs[j + 1]]
+        assert len(got) <= n // 2
+        np.testing.assert_array_equal(got, np.setdiff1d(np.arange(n), toks) if comp[j] else toks)
+
+
+def _numpy_auroc(total, pos, zero):
+    """auroc_from_counts as NumPy arrays once computed it (the reference of its kernel)."""
+    total = np.asarray(total, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64).reshape(len(total), -1)
+    neg = total[:, None] - pos
+    P, Nn = pos.sum(0), neg.sum(0)
+    below = np.cumsum(neg, 0) - neg
+    pairs = P * Nn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(0) / pairs
+        tie = pos * neg
+        if 0 <= zero < len(total):
+            tie[zero] = 0
+        bound = 0.5 * tie.sum(0) / pairs
+    auc[pairs == 0] = np.nan
+    bound[pairs == 0] = np.nan
+    return auc, bound
+
+
+def test_auroc_kernel_equals_the_numpy_formula_bit_for_bit():
+    # counts up to ~10M tokens: every sum is of exact half-integers, so the loop's order cannot
+    # change a bit; a concept with no token and one with every token give NaN
+    rng = np.random.default_rng(11)
+    for K_bins, scale in ((1, 5), (7, 3), (3000, 4000)):
+        total = rng.integers(0, scale, K_bins)
+        pos = np.stack([rng.integers(0, total + 1) for _ in range(5)] + [np.zeros(K_bins, np.int64), total], 1)
+        for zero in (-1, 0, K_bins // 2, K_bins):
+            got, want = K.auroc_from_counts(total, pos, zero), _numpy_auroc(total, pos, zero)
+            for g, w in zip(got, want):
+                assert g.tobytes() == w.tobytes()
+            assert np.isnan(got[0][-2:]).all()
+
+
+def test_threads_and_reused_buffers_change_no_score():
+    # each thread counts into its own buffers, handed back zeroed: columns scored on 2 threads,
+    # one after another, or each by a fresh scorer, give the same scores
+    labels, rng = _labels(seed=4)
+    cfg = ConceptsConfig(bootstrap=20)
+    n = labels.index.n
+    X = np.stack([rng.normal(size=n), np.where(rng.random(n) < 0.9, 0.0, rng.exponential(size=n)),
+                  rng.standard_t(2, n) * 1e3, -np.abs(rng.normal(size=n))] * 2).astype(np.float32)
+    X[0, labels.concepts[1].tokens] += 3
+    names = [f"A{j}" for j in range(len(X))]
+    sc = K.Scorer(labels, cfg)
+    runs = [K.score_columns(sc, "adapter", names, X, True, threads=2),
+            K.score_columns(sc, "adapter", names, X, True, threads=1),
+            [K.Scorer(labels, cfg).score("adapter", names[j], X[j], None, True) for j in range(len(X))]]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            for field in ("auroc", "bound", "precision", "n_top", "best"):
+                ga, gb = getattr(a, field), getattr(b, field)
+                assert ga.keys() == gb.keys()
+                for k in ga:
+                    np.testing.assert_array_equal(ga[k], gb[k])
+            np.testing.assert_array_equal(a.reps["true"], b.reps["true"])
+
+
 def test_summary_shares_and_intervals():
     labels, rng = _labels(seed=2)
     cfg = ConceptsConfig(bootstrap=100)
