@@ -498,6 +498,11 @@ def test_a_feature_that_is_never_positive_has_its_negative_side_explained():
     assert sorted(got) == [("adapter", "L00_k_proj", "neg"), ("adapter", "L00_q_proj", "pos"),
                            ("adapter", "L00_v_proj", "pos")]
     assert ("adapter", "L00_k_proj", "neg") not in select_features(stats, AutointerpConfig(negative_fallback=False), avail)
+    # the cap counts them too, by the size of the side explained: |min| 3.0 beats max 2.0 and 1.0
+    capped = select_features(stats, AutointerpConfig(max_features={"adapter": 2}), avail)
+    assert capped == [("adapter", "L00_k_proj", "neg"), ("adapter", "L00_q_proj", "pos")]
+    assert select_features(stats, AutointerpConfig(max_features={"adapter": 1}), avail) == [
+        ("adapter", "L00_k_proj", "neg")]
     both = select_features(stats, AutointerpConfig(signs=["pos", "neg"]), avail)
     assert sorted(both) == sorted([("adapter", "L00_q_proj", "pos"), ("adapter", "L00_v_proj", "pos"),
                                    ("adapter", "L00_q_proj", "neg"), ("adapter", "L00_k_proj", "neg")])

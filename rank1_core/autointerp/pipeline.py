@@ -219,7 +219,8 @@ def neuron_index(name: str) -> int:
 def select_features(stats: pa.Table, a: AutointerpConfig, available: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """(source, feature, sign) to interpret: per source and sign, the features with contexts
     (baseline neurons: the first ``neurons_per_layer`` of every MLP), capped by ``max_features``
-    keeping the largest activation of that sign."""
+    keeping the largest activation of that sign. With ``negative_fallback``, a never-positive
+    feature competes for the cap by the size of its negative side."""
     rows = stats.to_pylist()
     if a.neurons_per_layer:
         rows = [r for r in rows if r["source"] != "neuron" or neuron_index(r["feature"]) < a.neurons_per_layer]
@@ -227,18 +228,19 @@ def select_features(stats: pa.Table, a: AutointerpConfig, available: set[tuple[s
     fallback = a.negative_fallback and "pos" in a.signs and "neg" not in a.signs
     for source in a.sources:
         for sign in a.signs:
-            cand = [r for r in rows if r["source"] == source and (source, r["feature"], sign) in available]
+            # (size of the explained side, feature, sign explained)
+            cand = [((r["max"] or 0.0) if sign == "pos" else -(r["min"] or 0.0), r["feature"], sign)
+                    for r in rows if r["source"] == source and (source, r["feature"], sign) in available]
             if fallback and sign == "pos":
-                # Never positive: explain the side it has (marked by its sign 'neg').
-                neg_only = [r for r in rows if r["source"] == source and (source, r["feature"], "pos") not in available
-                            and (source, r["feature"], "neg") in available]
-                out.extend((source, r["feature"], "neg") for r in sorted(neg_only, key=lambda r: r["feature"]))
-            key = (lambda r: -(r["max"] or 0.0)) if sign == "pos" else (lambda r: (r["min"] or 0.0))
-            cand.sort(key=lambda r: (key(r), r["feature"]))
+                # Never positive: explain the side it has (marked by its sign 'neg'), ranked
+                # with the others by the size of that side, under the same cap.
+                cand += [(-(r["min"] or 0.0), r["feature"], "neg") for r in rows if r["source"] == source
+                         and (source, r["feature"], "pos") not in available and (source, r["feature"], "neg") in available]
+            cand.sort(key=lambda c: (-c[0], c[1]))
             cap = a.max_features.get(source, 0)
             if cap:
                 cand = cand[:cap]
-            out.extend((source, r["feature"], sign) for r in sorted(cand, key=lambda r: r["feature"]))
+            out.extend((source, f, sg) for _, f, sg in sorted(cand, key=lambda c: (c[2] == sign, c[1])))
     return out
 
 

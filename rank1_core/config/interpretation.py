@@ -167,7 +167,8 @@ class AutointerpConfig:
     its negative side explained instead (sign 'neg'), so every component gets an explanation."""
     max_features: dict = field(default_factory=dict)
     """Cap per source, e.g. {neuron: 64} (missing or 0: all); the cap keeps the features with
-    the largest max activation (topk/stats.parquet)."""
+    the largest max activation (topk/stats.parquet); a never-positive feature explained by its
+    negative side (negative_fallback) counts by the size of its min, under the same cap."""
     neurons_per_layer: int = 0
     """Baseline neurons interpreted per MLP: the first N of every layer (neuron index < N), as
     the paper takes the first 60. 0: every neuron the extract stage wrote (extract.mlp_neurons)."""
