@@ -10,11 +10,15 @@ processes are not on this machine) and runs the config's stages one after the ot
 the same `ray_jobs.<stage>.run` the pipeline calls. While a stage runs, a sampler thread
 reads every 0.5 s the memory of the whole process tree the run owns: this driver, Ray's own
 processes (GCS, raylet, dashboard), every worker and actor, and what they start (the vLLM
-servers of evaluate, ablate and autointerp). Printed per stage:
+servers of evaluate, ablate and autointerp). Each process's RSS and the machine's used memory
+are read on every sample; the tree's PSS (smaps_rollup, which walks every page table of every
+process: at every 0.5 s it took ~15% of a core and slowed the stages it measured) on every
+tenth. Printed per stage:
 
 - wall: seconds from the stage's start to its success marker;
 - tree PSS: peak of the summed proportional set size of the tree (shared pages, such as
-  the object store and the model files mapped by several actors, counted once);
+  the object store and the model files mapped by several actors, counted once), sampled every
+  5 s (`--pss-every`): a shorter peak shows in the machine's figure;
 - largest: peak RSS of the single largest process (the one to size a worker for);
 - machine: peak of used memory on the machine (total - available, every process included),
   with the value before the run on the first line.
@@ -59,11 +63,13 @@ def pss_bytes(pid: int) -> int:
 class Sampler:
     """Peak memory of this process and all its descendants while `with` is open."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, pss_every: int = 10):
         import psutil
 
         self.psutil = psutil
         self.interval = interval
+        self.pss_every = max(1, pss_every)
+        self._n = 0
         self.root = psutil.Process()
         self.peak_tree = self.peak_largest = self.peak_machine = 0
         self.largest_name = ""
@@ -72,16 +78,20 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sample(self) -> None:
+    def sample(self, pss: bool | None = None) -> None:
         ps = self.psutil
         procs = [self.root]
         try:
             procs += self.root.children(recursive=True)
         except ps.Error:
             pass
+        if pss is None:
+            pss = self._n % self.pss_every == 0
+        self._n += 1
         tree, largest, name = 0, 0, ""
         for p in procs:
-            tree += pss_bytes(p.pid)
+            if pss:
+                tree += pss_bytes(p.pid)
             try:
                 rss = p.memory_info().rss
             except ps.Error:
@@ -104,14 +114,14 @@ class Sampler:
             self.cpu_s += time.thread_time() - t0
 
     def __enter__(self) -> "Sampler":
-        self.sample()
+        self.sample(pss=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.sample()
+        self.sample(pss=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run="runs/bench-demo")
     p.add_argument("--stages", default=None, help="comma-separated subset of the config's stages")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+    p.add_argument("--pss-every", type=int, default=10, help="read the tree's PSS on every Nth sample")
     args = p.parse_args(argv)
     os.environ.pop("RAY_ADDRESS", None)
     cfg = config_from_args(args)
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{vm.total / GB:.1f} GB, {(vm.total - vm.available) / GB:.2f} GB in use before the run", flush=True)
     rows = []
     t_all = time.perf_counter()
-    with Sampler(args.interval) as s:
+    with Sampler(args.interval, args.pss_every) as s:
         t0 = time.perf_counter()
         ensure_ray(cfg)
     rows.append({"stage": "(ray start)", "seconds": time.perf_counter() - t0, "tree_pss_gb": s.peak_tree / GB,
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in stages:
         mod = stage_module(name)
         print(f"=== stage {name} ===", flush=True)
-        with Sampler(args.interval) as s:
+        with Sampler(args.interval, args.pss_every) as s:
             started, t0 = time.time(), time.perf_counter()
             manifest = mod.run(cfg, args.force)
             secs = time.perf_counter() - t0
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(r['largest_rss_gb'] for r in ran):>14.2f}   {max(r['machine_gb'] for r in ran):>10.2f}   "
           f"({total / 60:.1f} min, {len(ran) - 1} stages run)")
     print(f"the memory sampler itself used {sum(r.get('sampler_cpu_s', 0.0) for r in rows):.0f} CPU-s "
-          f"(--interval {args.interval:g} s); `rank1 run` has no sampler", flush=True)
+          f"(--interval {args.interval:g} s, PSS every {args.pss_every}); `rank1 run` has no sampler", flush=True)
     out = {"config": args.config, "run": cfg.run.dir, "total_seconds": total, "stages": rows,
            "cpus": psutil.cpu_count(), "memory_gb": vm.total / GB,
            "machine_gb_before": (vm.total - vm.available) / GB}
